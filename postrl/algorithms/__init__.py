@@ -1,0 +1,23 @@
+"""Pure maths of post-training: advantages, policy losses, KL, aggregation.
+
+Everything here is a function over explicit tensors (no model, no I/O),
+registered by name so that a config picks it: ``algo.advantage``,
+``algo.policy_loss``, ``algo.loss_agg``, ``algo.kl_estimator``.
+"""
+
+from . import advantages, aggregation, kl, policy_losses  # noqa: F401  (registers)
+from .registry import (
+    ADVANTAGES,
+    KL_ESTIMATORS,
+    LOSS_AGGREGATIONS,
+    POLICY_LOSSES,
+    register_advantage,
+    register_kl_estimator,
+    register_loss_agg,
+    register_policy_loss,
+)
+
+__all__ = [
+    "ADVANTAGES", "KL_ESTIMATORS", "LOSS_AGGREGATIONS", "POLICY_LOSSES",
+    "register_advantage", "register_kl_estimator", "register_loss_agg", "register_policy_loss",
+]

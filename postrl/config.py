@@ -1,0 +1,717 @@
+"""Typed configuration for postrl: a dataclass tree loaded from YAML.
+
+Usage::
+
+    cfg = load_config("recipes/quickstart.yaml", ["train.lr=1e-5", "rollout.n=4"])
+    cfg.train.lr, cfg.rollout_batch_size, cfg.resolved_mini_batch_size
+
+Every field has a default, so ``load_config(None)`` gives a runnable config.
+Loading is strict and fails fast: unknown keys (with a "did you mean"
+suggestion), wrong types and inconsistent values raise :class:`ConfigError`
+before any model is loaded.
+
+Batch sizes, all in one place
+-----------------------------
+All training batch sizes count *completions* (prompt + generated answer
+sequences), not prompts.
+
+rollout batch (derived: ``Config.rollout_batch_size``)
+    ``train.prompts_per_step * rollout.n`` completions are generated per
+    training step: ``prompts_per_step`` prompts, each sampled ``rollout.n``
+    times. The ``n`` completions of one prompt form a group; group-relative
+    advantages (GRPO) compare completions within a group, so ``rollout.n >= 2``.
+
+mini batch (``train.mini_batch_size``; derived: ``Config.resolved_mini_batch_size``)
+    Completions per optimizer update. ``0`` means the whole rollout batch
+    (one update per epoch). Each step performs
+    ``train.epochs * rollout_batch / mini_batch`` optimizer updates.
+    **Must divide the rollout batch.**
+
+micro batch (``train.micro_batch_size``)
+    Completions per forward/backward pass. Gradients are accumulated over
+    ``mini_batch / micro_batch`` micro batches before each optimizer update;
+    this only trades memory for speed and does not change the maths.
+    **Must divide the mini batch.**
+
+generation batch (``rollout.batch_size``)
+    Sequences decoded together by ``generate`` while building the rollout
+    batch. ``0`` means all ``rollout_batch`` sequences at once. Memory knob
+    only; it need not divide anything (the last chunk may be smaller).
+
+eval batch (``eval.batch_size``)
+    Prompts decoded together during evaluation (one greedy completion per
+    prompt). Memory knob only; it need not divide anything.
+
+So: ``micro_batch | mini_batch | rollout_batch = prompts_per_step * n``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import re
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+__all__ = [
+    "AlgoConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "ModelConfig",
+    "RewardSpec",
+    "RolloutConfig",
+    "RunConfig",
+    "TrainConfig",
+    "from_dict",
+    "load_config",
+    "save_config",
+    "to_dict",
+    "validate",
+]
+
+T = TypeVar("T")
+NoneType = type(None)
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+DATA_SOURCES = ("reasoning_gym", "jsonl")
+ANSWER_EXTRACTIONS = ("raw", "answer_tag", "boxed", "last_number")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+class ConfigError(ValueError):
+    """A configuration is malformed (unknown key, wrong type) or inconsistent."""
+
+
+# --------------------------------------------------------------------------- #
+# Schema
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class ModelConfig:
+    """The policy model to train."""
+
+    name_or_path: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    """Hugging Face hub id or local directory of the model and tokenizer."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit); None = default branch."""
+    dtype: str = "auto"
+    """Parameter dtype: auto | float32 | bfloat16 | float16 (auto = fp32 on CPU, bf16 on CUDA)."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N | mps (auto = cuda if available, else cpu)."""
+    offline_fallback: bool = True
+    """If downloading fails, retry from the local cache only."""
+    cache_dir: str | None = None
+    """Where models/data are cached; None = ~/.cache/postrl."""
+    trust_remote_code: bool = False
+    """Passed to transformers; allows custom model code from the hub."""
+
+
+@dataclass
+class DataConfig:
+    """Where prompts and reference answers come from and how prompts are built."""
+
+    source: str = "reasoning_gym"
+    """reasoning_gym (procedurally generated tasks) | jsonl (a local file)."""
+    task: str = "basic_arithmetic"
+    """reasoning_gym task name (ignored for jsonl)."""
+    task_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the reasoning_gym task generator."""
+    path: str | None = None
+    """jsonl training file (required when source is jsonl)."""
+    eval_path: str | None = None
+    """jsonl held-out file; if None a held-out split is taken from ``path``."""
+    train_size: int = 1000
+    """Number of training examples."""
+    eval_size: int = 100
+    """Number of held-out evaluation examples."""
+    seed: int | None = None
+    """Seed for generating/splitting/shuffling data; None = run.seed."""
+    system_prompt: str | None = None
+    """Optional system message prepended to every prompt."""
+    prompt_template: str = "{question}"
+    """User message; ``{question}`` is replaced by the example's question."""
+    answer_extraction: str = "raw"
+    """How the answer is pulled from a completion: raw | answer_tag | boxed | last_number."""
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling of completions during training."""
+
+    n: int = 8
+    """Completions per prompt (= group size for group-relative advantages)."""
+    max_new_tokens: int = 64
+    """Maximum generated tokens per completion."""
+    temperature: float = 1.0
+    """Sampling temperature (> 0)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold in (0, 1]; 1 = off."""
+    top_k: int = 0
+    """Top-k sampling; 0 = off."""
+    batch_size: int = 0
+    """Sequences decoded together (generation batch); 0 = the whole rollout batch."""
+
+
+@dataclass
+class RewardSpec:
+    """One reward function; the total reward is the weighted sum over ``Config.rewards``."""
+
+    name: str = "task"
+    """Registered reward name, or ``"module:function"`` to import one."""
+    weight: float = 1.0
+    """Multiplier applied to this reward."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments for the reward function."""
+
+
+@dataclass
+class AlgoConfig:
+    """The RL objective. Registry names are checked by the algorithms module."""
+
+    advantage: str = "grpo"
+    """Registered advantage estimator."""
+    policy_loss: str = "ppo_clip"
+    """Registered policy loss."""
+    loss_agg: str = "token_mean"
+    """Registered loss aggregation over tokens and sequences."""
+    clip_eps_low: float = 0.2
+    """Lower PPO ratio clip: ratio >= 1 - clip_eps_low."""
+    clip_eps_high: float = 0.2
+    """Upper PPO ratio clip: ratio <= 1 + clip_eps_high."""
+    adv_eps: float = 1e-6
+    """Added to the group std when normalising advantages."""
+    kl_coef: float = 0.0
+    """Weight of the KL penalty to the reference model; 0 = no reference model."""
+    kl_estimator: str = "k3"
+    """KL estimator: k1 | k2 | k3."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus; 0 = off."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation. See the module docstring for how the batch sizes relate."""
+
+    steps: int = 20
+    """Number of training steps (one rollout batch each)."""
+    prompts_per_step: int = 8
+    """Prompts sampled per step; rollout batch = prompts_per_step * rollout.n."""
+    mini_batch_size: int = 0
+    """Completions per optimizer update; 0 = the whole rollout batch."""
+    micro_batch_size: int = 8
+    """Completions per forward/backward; gradients accumulate over micro batches."""
+    epochs: int = 1
+    """Passes over each rollout batch."""
+    lr: float = 1e-6
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW (beta1, beta2)."""
+    grad_clip: float = 1.0
+    """Max global gradient norm; 0 = off."""
+    warmup_steps: int = 0
+    """Linear warmup length in optimizer updates."""
+    lr_schedule: str = "constant"
+    """constant | linear | cosine (decay after warmup)."""
+    max_nonfinite_steps: int = 3
+    """Abort after this many consecutive steps with a non-finite loss or gradient."""
+    save_every: int = 0
+    """Save a checkpoint every N steps; 0 = only at the end."""
+    keep_checkpoints: int = 2
+    """Keep only the newest N checkpoints; 0 = keep all."""
+
+
+@dataclass
+class EvalConfig:
+    """Greedy evaluation on the held-out set."""
+
+    before: bool = True
+    """Evaluate before training."""
+    after: bool = True
+    """Evaluate after training."""
+    every: int = 0
+    """Also evaluate every N steps; 0 = off."""
+    max_new_tokens: int = 0
+    """Maximum generated tokens; 0 = rollout.max_new_tokens."""
+    batch_size: int = 64
+    """Prompts decoded together during evaluation."""
+
+
+@dataclass
+class RunConfig:
+    """Bookkeeping for one run."""
+
+    name: str = "quickstart"
+    """Run name; outputs go to ``output_dir/name``."""
+    output_dir: str = "runs"
+    """Parent directory for run outputs."""
+    seed: int = 0
+    """Global seed (torch, random, data unless data.seed is set)."""
+    progress: bool = True
+    """Show progress bars."""
+    threads: int = 0
+    """torch.set_num_threads value; 0 = leave as is."""
+
+
+@dataclass
+class Config:
+    """The whole configuration tree."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
+    """Reward functions, summed with their weights."""
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def rollout_batch_size(self) -> int:
+        """Completions generated per training step: prompts_per_step * rollout.n."""
+        return self.train.prompts_per_step * self.rollout.n
+
+    @property
+    def resolved_mini_batch_size(self) -> int:
+        """Completions per optimizer update (train.mini_batch_size, 0 -> rollout batch)."""
+        return self.train.mini_batch_size or self.rollout_batch_size
+
+    @property
+    def resolved_generation_batch_size(self) -> int:
+        """Sequences decoded together during rollouts (rollout.batch_size, 0 -> rollout batch)."""
+        return self.rollout.batch_size or self.rollout_batch_size
+
+    @property
+    def resolved_eval_max_new_tokens(self) -> int:
+        """eval.max_new_tokens, 0 -> rollout.max_new_tokens."""
+        return self.eval.max_new_tokens or self.rollout.max_new_tokens
+
+    @property
+    def resolved_data_seed(self) -> int:
+        """data.seed, None -> run.seed."""
+        return self.run.seed if self.data.seed is None else self.data.seed
+
+
+# --------------------------------------------------------------------------- #
+# Generic type checking
+# --------------------------------------------------------------------------- #
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """Resolved field types of a dataclass (works with ``from __future__ import annotations``)."""
+    hints = get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _is_union(tp: Any) -> bool:
+    return get_origin(tp) in (Union, types.UnionType)
+
+
+def _type_name(tp: Any) -> str:
+    """Readable name of a type annotation, e.g. ``str | None`` or ``list[RewardSpec]``."""
+    if tp is Any:
+        return "Any"
+    if tp is NoneType:
+        return "None"
+    if _is_union(tp):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is not None:
+        inner = ", ".join(_type_name(a) for a in args)
+        return f"{origin.__name__}[{inner}]" if args else origin.__name__
+    return getattr(tp, "__name__", str(tp))
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _type_error(path: str, tp: Any, value: Any) -> ConfigError:
+    hint = ""
+    if isinstance(value, str) and tp in (int, float):
+        hint = " (a number, not a string)"
+    elif isinstance(value, bool) and tp in (int, float):
+        hint = " (booleans are not accepted as numbers)"
+    return ConfigError(
+        f"Config key '{path or '<root>'}' expects {_type_name(tp)}{hint}, "
+        f"got {_short_repr(value)} ({type(value).__name__})."
+    )
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against annotation ``tp`` and return it converted.
+
+    Conversions: int -> float, a float-looking string -> float (YAML 1.1 reads
+    ``1e-5`` as a string), mappings -> dataclasses, tuples -> lists.
+    bool is never accepted as int or float.
+    """
+    if tp is Any:
+        return value
+    if _is_union(tp):
+        options = [a for a in get_args(tp) if a is not NoneType]
+        if value is None and len(options) < len(get_args(tp)):
+            return None
+        if len(options) == 1 and (
+            get_origin(options[0]) is not None or dataclasses.is_dataclass(options[0])
+        ):
+            return _coerce(value, options[0], path)  # keeps nested error messages
+        for option in options:
+            try:
+                return _coerce(value, option, path)
+            except ConfigError:
+                pass
+        raise _type_error(path, tp, value)
+    if dataclasses.is_dataclass(tp):
+        if value is None:  # an empty YAML section ("eval:") means all defaults
+            return tp()
+        if not isinstance(value, Mapping):
+            raise _type_error(path, tp, value)
+        return from_dict(tp, value, path)
+    origin, args = get_origin(tp), get_args(tp)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(path, tp, value)
+        item_tp = args[0] if args else Any
+        return [_coerce(v, item_tp, f"{path}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise _type_error(path, tp, value)
+        key_tp, value_tp = args if args else (Any, Any)
+        return {
+            _coerce(k, key_tp, f"{path}.{k}"): _coerce(v, value_tp, f"{path}.{k}")
+            for k, v in value.items()
+        }
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _type_error(path, tp, value)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _type_error(path, tp, value)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _type_error(path, tp, value)
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise _type_error(path, tp, value)
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of a dataclass tree (lists of dataclasses shown as ``name.0.field``)."""
+    keys = []
+    for name, tp in _hints(cls).items():
+        key = f"{prefix}{name}"
+        keys.append(key)
+        if dataclasses.is_dataclass(tp):
+            keys += _all_keys(tp, key + ".")
+        elif get_origin(tp) is list and dataclasses.is_dataclass(get_args(tp)[0]):
+            keys += _all_keys(get_args(tp)[0], key + ".0.")
+    return keys
+
+
+def _unknown_key(cls: type, parent: str, key: Any) -> ConfigError:
+    """Error for ``key`` not being a field of ``cls`` (at dotted path ``parent``)."""
+    full = f"{parent}.{key}" if parent else str(key)
+    valid = list(_hints(cls))
+    prefix = f"{parent}." if parent else ""
+    close = difflib.get_close_matches(str(key), valid, n=1, cutoff=0.6)
+    if close:
+        suggestion = f"{prefix}{close[0]}"
+    else:  # maybe the key exists in another section, e.g. train.n -> rollout.n
+        elsewhere = [k for k in _all_keys(Config) if k.rsplit(".", 1)[-1] == str(key)]
+        suggestion = elsewhere[0] if elsewhere else None
+    message = f"Unknown config key '{full}'."
+    if suggestion:
+        message += f" Did you mean '{suggestion}'?"
+    where = f"in '{parent}'" if parent else "at the top level"
+    message += f" Valid keys {where}: {', '.join(valid)}."
+    return ConfigError(message)
+
+
+# --------------------------------------------------------------------------- #
+# dict <-> dataclass
+# --------------------------------------------------------------------------- #
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T:
+    """Build dataclass ``cls`` from a (nested) mapping, strictly.
+
+    Missing keys take their defaults; unknown keys and wrongly typed values
+    raise :class:`ConfigError` naming the full dotted key (``path`` is the
+    dotted prefix of ``data`` within the whole config).
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"from_dict needs a dataclass type, got {cls!r}")
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(
+            f"Config section '{path or '<root>'}' must be a mapping of {cls.__name__} fields, "
+            f"got {_short_repr(data)} ({type(data).__name__})."
+        )
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in hints:
+            raise _unknown_key(cls, path, key)
+        kwargs[key] = _coerce(value, hints[key], f"{path}.{key}" if path else key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict/list copy of a config dataclass (YAML-serialisable)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write ``cfg`` as YAML (readable back by :func:`load_config`); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False))
+    return path
+
+
+# --------------------------------------------------------------------------- #
+# Loading and overrides
+# --------------------------------------------------------------------------- #
+
+
+def _accepts_str(tp: Any) -> bool:
+    return tp is str or (_is_union(tp) and str in get_args(tp))
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one ``dotted.key=value`` override to the full config dict in place.
+
+    The value is parsed with ``yaml.safe_load`` (so ``4``, ``true``, ``[1, 2]``,
+    ``{a: 1}`` and ``null`` work). For string fields a value that YAML reads
+    as a number or bool is kept as the literal text (``run.name=2024``).
+    Keys are checked against the schema; free-form dicts (``data.task_kwargs``)
+    accept new keys; ``rewards.N`` with N == len(rewards) appends a default entry.
+    """
+    key, sep, text = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"Override {override!r} must look like key=value, e.g. train.lr=1e-5.")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Override {override!r}: cannot parse value {text!r}: {exc}") from None
+
+    node: Any = data
+    tp: Any = Config
+    parent = ""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        here = f"{parent}.{part}" if parent else part
+        slot: Any
+        if dataclasses.is_dataclass(tp):
+            if part not in _hints(tp):
+                raise _unknown_key(tp, parent, part)
+            if not isinstance(node, dict):
+                raise ConfigError(f"Override {override!r}: '{parent}' is not a mapping.")
+            slot, child_tp = part, _hints(tp)[part]
+        elif get_origin(tp) is list:
+            if not isinstance(node, list):
+                raise ConfigError(f"Override {override!r}: '{parent}' is not a list.")
+            if not part.isdigit() or int(part) > len(node):
+                raise ConfigError(
+                    f"Override {override!r}: '{part}' is not a valid index into '{parent}' "
+                    f"(it has {len(node)} items; use 0..{len(node)} where {len(node)} appends)."
+                )
+            slot, child_tp = int(part), (get_args(tp) or (Any,))[0]
+            if slot == len(node):
+                node.append(to_dict(child_tp()) if dataclasses.is_dataclass(child_tp) else None)
+        elif get_origin(tp) is dict or tp is Any:
+            if not isinstance(node, dict):
+                raise ConfigError(f"Override {override!r}: '{parent}' is not a mapping.")
+            slot, child_tp = part, (get_args(tp) or (Any, Any))[1]
+            if i < len(parts) - 1 and not isinstance(node.get(part), (dict, list)):
+                node[part] = {}
+        else:
+            raise ConfigError(
+                f"Override {override!r}: '{parent}' is a {_type_name(tp)} and has no key '{part}'."
+            )
+        if i == len(parts) - 1:
+            if _accepts_str(child_tp) and isinstance(value, (bool, int, float)):
+                value = text.strip()
+            node[slot] = value
+        else:
+            node, tp, parent = node[slot], child_tp, here
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML config (``None`` = all defaults), apply overrides, validate.
+
+    ``overrides`` are strings like ``"train.lr=1e-5"``, ``"rollout.n=4"``,
+    ``"data.task_kwargs.num_terms=2"`` or ``"rewards.0.weight=2"``.
+    Raises :class:`ConfigError` on any problem.
+    """
+    raw: Any = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file not found: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"Cannot parse YAML config {path}: {exc}") from None
+    cfg = from_dict(Config, raw)
+    if overrides:
+        if isinstance(overrides, str):
+            overrides = [overrides]
+        data = to_dict(cfg)
+        for override in overrides:
+            _apply_override(data, override)
+        cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------- #
+# Validation
+# --------------------------------------------------------------------------- #
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _choice(errors: list[str], key: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        errors.append(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}.{hint}")
+
+
+def validate(cfg: Config) -> None:
+    """Check value ranges and cross-field consistency; raise :class:`ConfigError` listing all problems.
+
+    Registry names (advantage, policy_loss, loss_agg, reward names, reasoning_gym
+    tasks) are not checked here; the modules that own those registries do it.
+    """
+    errors: list[str] = []
+
+    def check(ok: bool, key: str, value: Any, requirement: str) -> bool:
+        if not ok:
+            errors.append(f"{key}={value!r}: {requirement}.")
+        return ok
+
+    def at_least(key: str, value: int | float, minimum: int | float, note: str = "") -> bool:
+        return check(value >= minimum, key, value, f"must be >= {minimum}{note}")
+
+    m, d, r, a, t, e, run = cfg.model, cfg.data, cfg.rollout, cfg.algo, cfg.train, cfg.eval, cfg.run
+
+    # model
+    _choice(errors, "model.dtype", m.dtype, DTYPES)
+    check(bool(DEVICE_PATTERN.match(m.device)), "model.device", m.device,
+          "must be one of auto, cpu, cuda, cuda:N (N a GPU index), mps")
+    check(bool(m.name_or_path), "model.name_or_path", m.name_or_path, "must not be empty")
+
+    # data
+    _choice(errors, "data.source", d.source, DATA_SOURCES)
+    _choice(errors, "data.answer_extraction", d.answer_extraction, ANSWER_EXTRACTIONS)
+    if d.source == "jsonl" and not d.path:
+        errors.append("data.source='jsonl' requires data.path (a .jsonl training file).")
+    check("{question}" in d.prompt_template, "data.prompt_template", d.prompt_template,
+          "must contain '{question}' where the question is inserted")
+    at_least("data.train_size", d.train_size, 1)
+    at_least("data.eval_size", d.eval_size, 0)
+    if d.seed is not None:
+        at_least("data.seed", d.seed, 0)
+
+    # rollout
+    n_ok = check(r.n >= 2, "rollout.n", r.n,
+                 "group-relative advantages need at least 2 completions per prompt, so use >= 2")
+    at_least("rollout.max_new_tokens", r.max_new_tokens, 1)
+    check(r.temperature > 0, "rollout.temperature", r.temperature, "must be > 0")
+    check(0 < r.top_p <= 1, "rollout.top_p", r.top_p, "must be in (0, 1]")
+    at_least("rollout.top_k", r.top_k, 0, " (0 = off)")
+    at_least("rollout.batch_size", r.batch_size, 0, " (0 = whole rollout batch)")
+
+    # rewards
+    check(len(cfg.rewards) >= 1, "rewards", cfg.rewards, "at least one reward is needed")
+    for i, spec in enumerate(cfg.rewards):
+        check(bool(spec.name), f"rewards.{i}.name", spec.name, "must not be empty")
+        check(abs(spec.weight) < float("inf"), f"rewards.{i}.weight", spec.weight, "must be finite")
+
+    # algo
+    at_least("algo.clip_eps_low", a.clip_eps_low, 0)
+    at_least("algo.clip_eps_high", a.clip_eps_high, 0)
+    at_least("algo.adv_eps", a.adv_eps, 0)
+    at_least("algo.kl_coef", a.kl_coef, 0)
+    _choice(errors, "algo.kl_estimator", a.kl_estimator, KL_ESTIMATORS)
+    check(abs(a.entropy_coef) < float("inf"), "algo.entropy_coef", a.entropy_coef, "must be finite")
+
+    # train
+    at_least("train.steps", t.steps, 1)
+    pps_ok = at_least("train.prompts_per_step", t.prompts_per_step, 1)
+    mini_ok = at_least("train.mini_batch_size", t.mini_batch_size, 0, " (0 = whole rollout batch)")
+    micro_ok = at_least("train.micro_batch_size", t.micro_batch_size, 1)
+    at_least("train.epochs", t.epochs, 1)
+    check(t.lr > 0, "train.lr", t.lr, "must be > 0")
+    at_least("train.weight_decay", t.weight_decay, 0)
+    if check(len(t.adam_betas) == 2, "train.adam_betas", t.adam_betas, "must have exactly 2 values"):
+        for i, beta in enumerate(t.adam_betas):
+            check(0 <= beta < 1, f"train.adam_betas.{i}", beta, "must be in [0, 1)")
+    at_least("train.grad_clip", t.grad_clip, 0, " (0 = off)")
+    at_least("train.warmup_steps", t.warmup_steps, 0)
+    _choice(errors, "train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    at_least("train.max_nonfinite_steps", t.max_nonfinite_steps, 0)
+    at_least("train.save_every", t.save_every, 0, " (0 = only at the end)")
+    at_least("train.keep_checkpoints", t.keep_checkpoints, 0, " (0 = keep all)")
+
+    # batch-size divisibility: micro | mini | rollout batch (see module docstring)
+    if n_ok and pps_ok and mini_ok:
+        rollout_batch = cfg.rollout_batch_size
+        mini = cfg.resolved_mini_batch_size
+        origin = f"train.prompts_per_step={t.prompts_per_step} x rollout.n={r.n}"
+        if rollout_batch % mini:
+            errors.append(
+                f"train.mini_batch_size={mini} must divide the rollout batch size {rollout_batch} "
+                f"({origin}). Valid values: 0 (= {rollout_batch}), "
+                f"{', '.join(map(str, _divisors(rollout_batch)))}."
+            )
+        elif micro_ok and mini % t.micro_batch_size:
+            source = (f"train.mini_batch_size={mini}" if t.mini_batch_size
+                      else f"train.mini_batch_size=0, i.e. the rollout batch {origin}")
+            errors.append(
+                f"train.micro_batch_size={t.micro_batch_size} must divide the mini batch size "
+                f"{mini} ({source}). Valid values: {', '.join(map(str, _divisors(mini)))}."
+            )
+
+    # eval
+    at_least("eval.every", e.every, 0, " (0 = off)")
+    at_least("eval.max_new_tokens", e.max_new_tokens, 0, " (0 = rollout.max_new_tokens)")
+    at_least("eval.batch_size", e.batch_size, 1)
+
+    # run
+    check(bool(run.name), "run.name", run.name, "must not be empty")
+    check(bool(run.output_dir), "run.output_dir", run.output_dir, "must not be empty")
+    at_least("run.seed", run.seed, 0)
+    at_least("run.threads", run.threads, 0, " (0 = leave as is)")
+
+    if errors:
+        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))

@@ -1,0 +1,59 @@
+"""Per-token log-probs (and entropy) of given completions under a causal LM."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from postrl.rollout.generator import left_pad
+
+
+def build_inputs(prompts: list[list[int]], completion_ids: Tensor, completion_mask: Tensor, pad_id: int):
+    """Concatenate left-padded prompts ``[B, P]`` and right-padded completions ``[B, T]``.
+
+    Returns ``input_ids [B, P+T]``, ``attention_mask [B, P+T]``, ``position_ids [B, P+T]``.
+    Positions count only real tokens, so they match what the generator used.
+    """
+    device = completion_ids.device
+    p_ids, p_mask = left_pad(prompts, pad_id, device)
+    input_ids = torch.cat([p_ids, completion_ids], dim=1)
+    attn = torch.cat([p_mask, completion_mask.to(p_mask.dtype)], dim=1)
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    return input_ids, attn, positions
+
+
+def completion_logprobs(
+    model,
+    prompts: list[list[int]],
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    pad_id: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-prob of each completion token given its prompt and the tokens before it.
+
+    The logits are divided by ``temperature`` as the sampler did, so at the
+    first update of an on-policy step these equal the sampler's log-probs (up
+    to floating-point differences between cached and full forward passes).
+    Only the last ``T + 1`` positions go through the LM head.
+
+    Shapes: ``completion_ids, completion_mask [B, T]`` -> ``logprobs [B, T]``,
+    ``entropy [B, T]`` (or None; differentiable only with ``entropy_grad``).
+    Padding positions hold 0.
+    """
+    input_ids, attn, positions = build_inputs(prompts, completion_ids, completion_mask, pad_id)
+    T = completion_ids.shape[1]
+    logits = model(input_ids=input_ids, attention_mask=attn, position_ids=positions,
+                   use_cache=False, logits_to_keep=T + 1).logits[:, :-1, :].float()
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    logp = torch.log_softmax(logits, dim=-1)
+    token_logp = logp.gather(-1, completion_ids[..., None]).squeeze(-1)
+    mask = completion_mask.to(token_logp.dtype)
+    entropy = None
+    if with_entropy:
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = -(logp.exp() * logp).sum(-1) * mask
+    return token_logp * mask, entropy

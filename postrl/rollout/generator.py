@@ -1,0 +1,165 @@
+"""Batched sampling with a KV cache, written in torch on top of any HF causal LM.
+
+The generator returns exactly the token ids it sampled (nothing is re-tokenized
+later), a mask of the generated tokens, and the sampler's log-probability of
+each sampled token under the temperature-scaled distribution (before top-k /
+top-p truncation, which is the distribution the trainer's forward pass
+reproduces). Finished sequences are dropped from the decode batch, so they stop
+costing compute.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class SamplingParams:
+    """How to sample. ``temperature == 0`` means greedy decoding."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+
+
+@dataclass
+class Generation:
+    """Output of :meth:`Generator.generate` for B prompts.
+
+    Shapes: ``completion_ids``, ``completion_mask``, ``logprobs`` are ``[B, T]``
+    with ``T`` the longest completion; padding positions hold ``pad_id``, 0 and 0.
+    ``truncated[b]`` is True when sequence b hit ``max_new_tokens`` without EOS.
+    """
+
+    prompt_ids: list[list[int]]
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    logprobs: torch.Tensor
+    truncated: torch.Tensor
+    decode_steps: int
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.completion_mask.sum(-1)
+
+
+def left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists to ``[B, L]`` ids and attention mask."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set logits outside the top-k / nucleus (top-p) set to -inf. ``logits``: ``[B, V]``."""
+    if top_k and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass strictly before it already reaches top_p (keeps at least one)
+        drop_sorted = (probs.cumsum(-1) - probs) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+class Generator:
+    """Samples completions from ``model`` (an HF causal LM) for token-id prompts."""
+
+    def __init__(self, model, eos_token_ids: int | list[int], pad_token_id: int):
+        self.model = model
+        eos = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
+        self.eos = torch.tensor(eos, dtype=torch.long)
+        self.pad_id = int(pad_token_id)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        seed: int | None = None,
+        batch_size: int = 0,
+    ) -> Generation:
+        """Sample one completion per prompt (repeat a prompt n times for a group).
+
+        ``batch_size`` > 0 decodes in chunks of that many sequences. With a
+        ``seed`` the result depends only on (seed, prompts, params, batch_size).
+        """
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate() needs a non-empty list of non-empty prompts")
+        chunk = batch_size if batch_size > 0 else len(prompts)
+        device = next(self.model.parameters()).device
+        rng = torch.Generator(device=device)
+        rng.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
+        parts = [self._generate_chunk(prompts[i:i + chunk], params, rng, device) for i in range(0, len(prompts), chunk)]
+        width = max(p[0].shape[1] for p in parts)
+
+        def cat(idx: int, fill: float) -> torch.Tensor:
+            return torch.cat([torch.nn.functional.pad(p[idx], (0, width - p[idx].shape[1]), value=fill) for p in parts])
+
+        return Generation(
+            prompt_ids=[list(p) for p in prompts],
+            completion_ids=cat(0, self.pad_id),
+            completion_mask=cat(1, 0),
+            logprobs=cat(2, 0.0),
+            truncated=torch.cat([p[3] for p in parts]),
+            decode_steps=sum(p[4] for p in parts),
+        )
+
+    def _generate_chunk(self, prompts, params: SamplingParams, rng: torch.Generator, device):
+        B, T = len(prompts), params.max_new_tokens
+        ids, attn = left_pad(prompts, self.pad_id, device)
+        out_ids = torch.full((B, T), self.pad_id, dtype=torch.long, device=device)
+        out_mask = torch.zeros((B, T), dtype=torch.long, device=device)
+        out_lp = torch.zeros((B, T), dtype=torch.float32, device=device)
+        eos = self.eos.to(device)
+        active = torch.arange(B, device=device)  # rows of the full batch still decoding
+        cache = DynamicCache()
+        positions = (attn.cumsum(-1) - 1).clamp(min=0)
+        step_ids, step_pos = ids, positions
+        steps = 0
+        for t in range(T):
+            logits = self.model(
+                input_ids=step_ids, attention_mask=attn, position_ids=step_pos,
+                past_key_values=cache, use_cache=True, logits_to_keep=1,
+            ).logits[:, -1, :].float()
+            steps += 1
+            if params.temperature > 0:
+                logits = logits / params.temperature
+                logp_full = torch.log_softmax(logits, dim=-1)
+                probs = filter_logits(logits, params.top_k, params.top_p).softmax(-1)
+                tok = torch.multinomial(probs, 1, generator=rng).squeeze(-1)
+            else:
+                logp_full = torch.log_softmax(logits, dim=-1)
+                tok = logits.argmax(-1)
+            out_ids[active, t] = tok
+            out_mask[active, t] = 1
+            out_lp[active, t] = logp_full.gather(-1, tok[:, None]).squeeze(-1)
+            done = torch.isin(tok, eos)
+            keep = ~done
+            if not bool(keep.any()):
+                break
+            if not bool(keep.all()):
+                keep_idx = keep.nonzero().squeeze(-1)
+                active, tok, attn = active[keep_idx], tok[keep_idx], attn[keep_idx]
+                step_pos = step_pos[keep_idx]
+                cache.batch_select_indices(keep_idx)
+            attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=-1)
+            step_pos = step_pos[:, -1:] + 1
+            step_ids = tok[:, None]
+        finished_len = out_mask.sum(-1)
+        last_tok = out_ids.gather(-1, (finished_len - 1).clamp(min=0)[:, None]).squeeze(-1)
+        truncated = ~torch.isin(last_tok, eos)
+        width = int(finished_len.max().item())
+        return out_ids[:, :width], out_mask[:, :width], out_lp[:, :width], truncated.cpu(), steps

@@ -1,0 +1,51 @@
+"""Live progress bar: step, reward, accuracy, KL, entropy, response length, tokens/s."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from tqdm.auto import tqdm
+
+
+class Progress:
+    """A tqdm bar over training steps whose postfix shows the latest metrics.
+
+    When disabled (``run.progress: false``) or not attached to a terminal, one
+    plain line per step is printed instead, so logs stay readable in CI.
+    """
+
+    FIELDS = (("reward", "reward_mean", "{:.3f}"), ("acc", "accuracy", "{:.2f}"), ("kl", "kl", "{:.4f}"),
+              ("kl_ref", "kl_ref", "{:.4f}"), ("ent", "entropy", "{:.2f}"), ("len", "response_len_mean", "{:.1f}"),
+              ("tok/s", "tokens_per_s", "{:.0f}"))
+
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True):
+        self.live = enabled and sys.stderr.isatty()
+        self.enabled = enabled
+        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True) if self.live else None
+        self.total = total
+
+    def format(self, record: dict[str, Any]) -> dict[str, str]:
+        return {label: fmt.format(record[key]) for label, key, fmt in self.FIELDS if key in record}
+
+    def update(self, record: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(self.format(record), refresh=False)
+            self.bar.update(1)
+        elif self.enabled:
+            parts = " ".join(f"{k}={v}" for k, v in self.format(record).items())
+            print(f"step {record['step']}/{self.total} {parts} step_time={record['step_time_s']:.1f}s", flush=True)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+        return False

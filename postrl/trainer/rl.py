@@ -1,0 +1,453 @@
+"""The RL loop (GRPO family), top to bottom like the paper's pseudo-code.
+
+    for step in steps:
+        prompts   = sampler.next_batch(prompts_per_step)           # PromptSource
+        rollouts  = generator.generate(prompts x n)                # Rollout (ids, mask, logprobs)
+        rewards   = reward_pipeline(completions)                   # Reward (isolated failures)
+        adv       = advantage_fn(rewards, n)                       # Advantage
+        for epoch, mini batch:                                     # Update
+            for micro batch: loss = agg(policy_loss(...) + kl_coef * kl(...)); backward
+            clip grads; optimizer.step()
+        log metrics; checkpoint; periodic eval
+
+Everything algorithmic is looked up by name in ``postrl.algorithms``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from postrl.algorithms import ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
+from postrl.config import Config, ConfigError, save_config
+from postrl.data import PromptSampler, build_messages, build_source, render_prompt
+from postrl.eval import greedy_eval
+from postrl.models.loading import load_model_and_tokenizer
+from postrl.models.logprobs import completion_logprobs
+from postrl.rewards import RewardPipeline
+from postrl.rollout.generator import Generator, SamplingParams
+from postrl.trainer.checkpoint import (
+    latest_checkpoint,
+    load_trainer_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from postrl.trainer.progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. repeated non-finite losses); the message says why."""
+
+
+@dataclass
+class RunState:
+    """What a checkpoint needs beyond model and optimizer to continue exactly."""
+
+    step: int = 0
+    consecutive_nonfinite: int = 0
+    nonfinite_total: int = 0
+    results: dict[str, Any] = field(default_factory=dict)
+    wall_time_s: float = 0.0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Sampling seed of one step: a function of (run seed, step) only, so resume is exact."""
+    return (seed * 1_000_003 + step * 7_919 + 17) % (2**62)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return f
+
+
+def build_data_source(cfg: Config):
+    d = cfg.data
+    common = dict(train_size=d.train_size, eval_size=d.eval_size, seed=cfg.resolved_data_seed,
+                  answer_extraction=d.answer_extraction)
+    if d.source == "reasoning_gym":
+        return build_source("reasoning_gym", task=d.task, task_kwargs=dict(d.task_kwargs), **common)
+    return build_source(d.source, path=d.path, eval_path=d.eval_path, **common)
+
+
+def check_registries(cfg: Config) -> None:
+    """Fail before any model is loaded if a method name is unknown."""
+    for registry, name in ((ADVANTAGES, cfg.algo.advantage), (POLICY_LOSSES, cfg.algo.policy_loss),
+                           (LOSS_AGGREGATIONS, cfg.algo.loss_agg), (KL_ESTIMATORS, cfg.algo.kl_estimator)):
+        try:
+            registry.get_fn(name)
+        except KeyError as exc:
+            raise ConfigError(exc.args[0]) from None
+
+
+def new_run_dir(cfg: Config) -> Path:
+    """``output_dir/name``, or ``name-2``, ``name-3``... if taken: an earlier run is never overwritten."""
+    base = Path(cfg.run.output_dir) / cfg.run.name
+    candidate, i = base, 1
+    while candidate.exists() and any(candidate.iterdir()):
+        i += 1
+        candidate = base.with_name(f"{cfg.run.name}-{i}")
+    candidate.mkdir(parents=True, exist_ok=True)
+    return candidate
+
+
+class _InterruptFlag:
+    """First Ctrl-C asks the loop to checkpoint and stop at the next step boundary; a second one aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not in the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\n[postrl] Ctrl-C: finishing this step, writing a checkpoint, then stopping "
+              "(press Ctrl-C again to abort without saving).", flush=True)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+class RLTrainer:
+    """Holds the pieces of one run; :meth:`fit` is the loop."""
+
+    def __init__(self, cfg: Config, resume: str | Path | None = None):
+        self.cfg = cfg
+        check_registries(cfg)
+        if cfg.run.threads > 0:
+            torch.set_num_threads(cfg.run.threads)
+        seed_everything(cfg.run.seed)
+        self.source = build_data_source(cfg)
+        self.rewards = RewardPipeline(cfg.rewards, self.source)
+
+        ckpt = None
+        if resume is not None:
+            self.run_dir = Path(resume)
+            ckpt = latest_checkpoint(self.run_dir / "checkpoints")
+            if ckpt is None:
+                raise TrainingError(f"--resume {resume}: no complete checkpoint under {self.run_dir / 'checkpoints'}")
+        else:
+            self.run_dir = new_run_dir(cfg)
+        m = cfg.model
+        self.model, self.tokenizer, self.model_source = load_model_and_tokenizer(
+            str(ckpt) if ckpt else m.name_or_path, dtype=m.dtype, device=m.device, revision=m.revision,
+            offline_fallback=m.offline_fallback, cache_dir=m.cache_dir, trust_remote_code=m.trust_remote_code,
+        )
+        self.device = next(self.model.parameters()).device
+        self.ref_model = None
+        if cfg.algo.kl_coef > 0:
+            # reference = the starting policy (the original model, also on resume)
+            if ckpt is None:
+                self.ref_model = copy.deepcopy(self.model)
+            else:
+                self.ref_model = load_model_and_tokenizer(
+                    m.name_or_path, dtype=m.dtype, device=m.device, revision=m.revision,
+                    offline_fallback=m.offline_fallback, cache_dir=m.cache_dir,
+                    trust_remote_code=m.trust_remote_code)[0]
+            self.ref_model.eval().requires_grad_(False)
+        self.generator = Generator(self.model, self._eos_ids(), self.tokenizer.pad_token_id)
+
+        self.advantage_fn = ADVANTAGES.get_fn(cfg.algo.advantage)
+        self.policy_loss_fn = POLICY_LOSSES.get_fn(cfg.algo.policy_loss)
+        self.agg_fn = LOSS_AGGREGATIONS.get_fn(cfg.algo.loss_agg)
+        self.kl_fn = KL_ESTIMATORS.get_fn(cfg.algo.kl_estimator)
+
+        t = cfg.train
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(t.lr_schedule, t.warmup_steps, t.steps))
+        self.sampler = PromptSampler(self.source.train, seed=cfg.resolved_data_seed)
+        self.state = RunState()
+        self._prompt_cache: dict[str, list[int]] = {}
+        if ckpt is not None:
+            self._load_state(ckpt)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self._truncate_metrics(self.state.step)
+        save_config(cfg, self.run_dir / "config.yaml")
+
+    # ----- helpers -------------------------------------------------------------------------------------------
+    def _eos_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        return sorted(i for i in ids if i is not None)
+
+    def render(self, sample) -> list[int]:
+        key = sample.uid or sample.question
+        if key not in self._prompt_cache:
+            messages = build_messages(sample, self.cfg.data.system_prompt, self.cfg.data.prompt_template)
+            self._prompt_cache[key] = render_prompt(self.tokenizer, messages)
+        return self._prompt_cache[key]
+
+    def evaluate(self) -> dict[str, Any]:
+        return greedy_eval(self.generator, self.tokenizer, self.source, self.source.eval, self.render,
+                           self.cfg.resolved_eval_max_new_tokens, self.cfg.eval.batch_size)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """On resume, drop metric lines written after the checkpoint (they will be re-run)."""
+        if not self.metrics_path.exists():
+            return
+        lines = [ln for ln in self.metrics_path.read_text().splitlines()
+                 if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        self.metrics_path.write_text("".join(ln + "\n" for ln in lines))
+
+    def _write_results(self) -> None:
+        path = self.run_dir / "results.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.state.results, indent=2))
+        os.replace(tmp, path)
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "run_state": self.state.__dict__.copy(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": rng_state(),
+        }
+
+    def _load_state(self, ckpt: Path) -> None:
+        st = load_trainer_state(ckpt)
+        self.state = RunState(**st["run_state"])
+        self.optimizer.load_state_dict(st["optimizer"])
+        self.scheduler.load_state_dict(st["scheduler"])
+        self.sampler.load_state_dict(st["sampler"])
+        set_rng_state(st["rng"])
+        log.info("resumed from %s at step %d", ckpt, self.state.step)
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir / "checkpoints", self.state.step, self.model, self.tokenizer,
+                               self.trainer_state(), keep=self.cfg.train.keep_checkpoints)
+
+    # ----- one step ------------------------------------------------------------------------------------------
+    def rollout(self, step: int) -> dict[str, Any]:
+        """Sample ``n`` completions for each of ``prompts_per_step`` prompts and score them."""
+        cfg = self.cfg
+        samples = self.sampler.next_batch(cfg.train.prompts_per_step)
+        group = [s for s in samples for _ in range(cfg.rollout.n)]
+        prompts = [self.render(s) for s in group]
+        r = cfg.rollout
+        self.model.eval()
+        gen = self.generator.generate(
+            prompts, SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k),
+            seed=step_seed(cfg.run.seed, step), batch_size=r.batch_size)
+        texts = self.tokenizer.batch_decode(
+            [ids[m.bool()] for ids, m in zip(gen.completion_ids, gen.completion_mask)], skip_special_tokens=True)
+        rewards = self.rewards(texts, group)
+        correct = [self.source.is_correct(t, s) for t, s in zip(texts, group)]
+        return {"samples": group, "prompts": prompts, "gen": gen, "texts": texts, "rewards": rewards,
+                "correct": correct}
+
+    def update(self, batch: dict[str, Any], step: int) -> dict[str, float]:
+        """PPO-style update over mini batches (optimizer steps) and micro batches (accumulation)."""
+        cfg, a = self.cfg, self.cfg.algo
+        gen = batch["gen"]
+        rewards = torch.tensor(batch["rewards"].total, dtype=torch.float32)
+        adv = self.advantage_fn(rewards, cfg.rollout.n, eps=a.adv_eps).to(self.device)
+        ids, mask, old_lp = gen.completion_ids, gen.completion_mask, gen.logprobs
+        prompts = batch["prompts"]
+        B, mini, micro = len(prompts), cfg.resolved_mini_batch_size, cfg.train.micro_batch_size
+        temp = cfg.rollout.temperature
+        ref_lp = None
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref_lp = torch.cat([completion_logprobs(self.ref_model, prompts[i:i + micro], ids[i:i + micro],
+                                                        mask[i:i + micro], self.tokenizer.pad_token_id, temp)[0]
+                                    for i in range(0, B, micro)])
+        sums = {"loss": 0.0, "clip_frac": 0.0, "entropy": 0.0, "kl": 0.0, "kl_ref": 0.0}
+        tokens_seen, grad_norms, skipped, updates = 0.0, [], 0, 0
+        self.model.train()
+        order_rng = torch.Generator().manual_seed(step_seed(cfg.run.seed, step) + 1)
+        for epoch in range(cfg.train.epochs):
+            order = torch.arange(B) if epoch == 0 else torch.randperm(B, generator=order_rng)
+            for start in range(0, B, mini):
+                mb = order[start:start + mini]
+                n_tok = float(mask[mb].sum())
+                self.optimizer.zero_grad(set_to_none=True)
+                finite = True
+                for mstart in range(0, len(mb), micro):
+                    idx = mb[mstart:mstart + micro]
+                    width = max(1, int(mask[idx].sum(-1).max()))
+                    m_ids, m_mask = ids[idx, :width], mask[idx, :width].float()
+                    lp, ent = completion_logprobs(self.model, [prompts[i] for i in idx], m_ids, mask[idx, :width],
+                                                  self.tokenizer.pad_token_id, temp, with_entropy=True,
+                                                  entropy_grad=a.entropy_coef > 0)
+                    loss_tok, stats = self.policy_loss_fn(lp, old_lp[idx, :width], adv[idx],
+                                                          eps_low=a.clip_eps_low, eps_high=a.clip_eps_high)
+                    if ref_lp is not None:
+                        kl_ref_tok = self.kl_fn(lp, ref_lp[idx, :width])
+                        loss_tok = loss_tok + a.kl_coef * kl_ref_tok
+                        sums["kl_ref"] += float((kl_ref_tok.detach() * m_mask).sum())
+                    if a.entropy_coef > 0:
+                        loss_tok = loss_tok - a.entropy_coef * ent
+                    loss = self.agg_fn(loss_tok, m_mask, n_tok)
+                    if not torch.isfinite(loss):
+                        finite = False
+                        break
+                    loss.backward()
+                    with torch.no_grad():
+                        sums["loss"] += float(loss)
+                        sums["clip_frac"] += float((stats["clipped"] * m_mask).sum())
+                        sums["entropy"] += float((ent.detach() * m_mask).sum())
+                        sums["kl"] += float((KL_ESTIMATORS["k3"](lp.detach(), old_lp[idx, :width]) * m_mask).sum())
+                    tokens_seen += float(m_mask.sum())
+                clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+                gnorm = torch.nn.utils.clip_grad_norm_(self.params, clip) if finite else torch.tensor(float("nan"))
+                if not finite or not torch.isfinite(gnorm):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                    continue
+                self.optimizer.step()
+                updates += 1
+                grad_norms.append(float(gnorm))
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        denom = max(tokens_seen, 1.0)
+        out = {"loss": sums["loss"] / max(updates, 1), "clip_frac": sums["clip_frac"] / denom,
+               "entropy": sums["entropy"] / denom, "kl": sums["kl"] / denom,
+               "grad_norm": float(np.mean(grad_norms)) if grad_norms else float("nan"),
+               "updates": updates, "skipped_updates": skipped}
+        if ref_lp is not None:
+            out["kl_ref"] = sums["kl_ref"] / denom
+        return out
+
+    # ----- the loop ------------------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t_start = time.time()
+        wall_before = self.state.wall_time_s
+        if cfg.eval.before and "eval_before" not in self.state.results:
+            self.state.results["eval_before"] = self.evaluate()
+            self._write_results()
+        progress = Progress(total=cfg.train.steps, initial=self.state.step, enabled=cfg.run.progress)
+        interrupted = False
+        with _InterruptFlag() as stop, progress:
+            while self.state.step < cfg.train.steps:
+                step = self.state.step
+                t0 = time.time()
+                batch = self.rollout(step)
+                t_gen = time.time() - t0
+                upd = self.update(batch, step)
+                t_step = time.time() - t0
+                if upd["updates"] == 0:
+                    self.state.consecutive_nonfinite += 1
+                    self.state.nonfinite_total += 1
+                else:
+                    self.state.consecutive_nonfinite = 0
+                self.state.step = step + 1
+                record = self._metrics(batch, upd, t_gen, t_step)
+                with open(self.metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                progress.update(record)
+                if self.state.consecutive_nonfinite >= cfg.train.max_nonfinite_steps:
+                    last = latest_checkpoint(self.run_dir / "checkpoints")
+                    raise TrainingError(
+                        f"{self.state.consecutive_nonfinite} steps in a row had a non-finite loss or gradient "
+                        f"(last at step {self.state.step}); stopping. Last good checkpoint: "
+                        f"{last if last else 'none written yet'}. Try a lower train.lr or train.grad_clip.")
+                if cfg.eval.every and self.state.step % cfg.eval.every == 0 and self.state.step < cfg.train.steps:
+                    ev = self.evaluate()
+                    self.state.results.setdefault("eval_during", []).append({"step": self.state.step, **ev})
+                    progress.write(f"[eval] step {self.state.step}: accuracy {ev['accuracy']:.3f}")
+                self.state.wall_time_s = wall_before + time.time() - t_start
+                if cfg.train.save_every and self.state.step % cfg.train.save_every == 0:
+                    self.save()
+                if stop.requested:
+                    interrupted = True
+                    break
+        if interrupted:
+            path = self.save()
+            self._write_results()
+            progress.write(f"[postrl] interrupted at step {self.state.step}; checkpoint {path}. "
+                           f"Resume with: postrl train {self.run_dir / 'config.yaml'} --resume {self.run_dir}")
+            self.state.results["interrupted"] = True
+            return self.state.results
+        if cfg.eval.after:
+            self.state.results["eval_after"] = self.evaluate()
+        self.state.wall_time_s = wall_before + time.time() - t_start
+        self.state.results["steps"] = self.state.step
+        self.state.results["wall_time_s"] = self.state.wall_time_s
+        self.state.results["nonfinite_steps"] = self.state.nonfinite_total
+        self.save()
+        self._write_results()
+        return self.state.results
+
+    def _metrics(self, batch, upd: dict[str, float], t_gen: float, t_step: float) -> dict[str, Any]:
+        gen, res = batch["gen"], batch["rewards"]
+        lengths = gen.lengths.float()
+        gen_tokens = float(lengths.sum())
+        record: dict[str, Any] = {
+            "step": self.state.step,
+            "reward_mean": float(np.mean(res.total)),
+            "reward_std": float(np.std(res.total)),
+            "accuracy": float(np.mean(batch["correct"])),
+            "kl": upd["kl"],
+            "entropy": upd["entropy"],
+            "response_len_mean": float(lengths.mean()),
+            "response_len_max": float(lengths.max()),
+            "truncated_frac": float(gen.truncated.float().mean()),
+            "tokens_per_s": gen_tokens / t_step,
+            "gen_tokens_per_s": gen_tokens / max(t_gen, 1e-9),
+            "step_time_s": t_step,
+            "gen_time_s": t_gen,
+            "loss": upd["loss"],
+            "clip_frac": upd["clip_frac"],
+            "grad_norm": upd["grad_norm"],
+            "lr": self.scheduler.get_last_lr()[0],
+            "skipped_updates": upd["skipped_updates"],
+            "nonfinite_steps": self.state.nonfinite_total,
+            "reward_errors": sum(res.errors.values()),
+        }
+        if "kl_ref" in upd:
+            record["kl_ref"] = upd["kl_ref"]
+        for name, values in res.components.items():
+            record[f"reward/{name}"] = float(np.mean(values))
+        for (name, kind), count in res.errors.items():
+            record[f"reward_errors/{name}/{kind}"] = count
+        return record
+
+
+def train(cfg: Config, resume: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """Run (or resume) training; returns the run directory and ``results``."""
+    trainer = RLTrainer(cfg, resume=resume)
+    return trainer.run_dir, trainer.fit()

@@ -1,0 +1,240 @@
+"""Tests for postrl.config: loading, overrides, strict typing, validation, round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from postrl.config import (
+    Config,
+    ConfigError,
+    RewardSpec,
+    TrainConfig,
+    from_dict,
+    load_config,
+    save_config,
+    to_dict,
+    validate,
+)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_load_and_validate() -> None:
+    cfg = load_config(None)
+    assert cfg == Config()
+    assert cfg.model.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert cfg.rewards == [RewardSpec()]
+    assert cfg.train.adam_betas == [0.9, 0.999]
+    assert cfg.rollout_batch_size == 64
+    assert cfg.resolved_mini_batch_size == 64
+    assert cfg.resolved_eval_max_new_tokens == cfg.rollout.max_new_tokens
+    assert cfg.resolved_data_seed == cfg.run.seed
+    validate(cfg)
+
+
+def test_defaults_are_not_shared() -> None:
+    a, b = Config(), Config()
+    a.data.task_kwargs["x"] = 1
+    a.rewards.append(RewardSpec(name="other"))
+    assert b.data.task_kwargs == {} and len(b.rewards) == 1
+
+
+def test_yaml_and_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+train:
+  lr: 1e-5          # YAML 1.1 reads this as a string; accepted for float fields
+  steps: 5
+rollout:
+  n: 4
+run:
+  name: mine
+eval:               # empty section = defaults
+""")
+    cfg = load_config(path, ["train.lr=3e-6", "rollout.top_k=50", "run.progress=false",
+                             "train.adam_betas=[0.9, 0.95]", "run.name=2024"])
+    assert cfg.train.lr == pytest.approx(3e-6) and isinstance(cfg.train.lr, float)
+    assert cfg.train.steps == 5
+    assert cfg.rollout.n == 4 and cfg.rollout.top_k == 50
+    assert cfg.run.progress is False
+    assert cfg.train.adam_betas == [0.9, 0.95]
+    assert cfg.run.name == "2024"  # numeric text kept as a string for str fields
+    assert cfg.eval == Config().eval
+    assert load_config(path).train.lr == pytest.approx(1e-5)
+
+
+def test_int_accepted_for_float() -> None:
+    cfg = load_config(None, ["train.grad_clip=2"])
+    assert cfg.train.grad_clip == 2.0 and isinstance(cfg.train.grad_clip, float)
+
+
+def test_nested_dict_override() -> None:
+    cfg = load_config(None, ["data.task_kwargs.num_terms=2", "data.task_kwargs.ops.plus=true"])
+    assert cfg.data.task_kwargs == {"num_terms": 2, "ops": {"plus": True}}
+
+
+def test_list_of_dataclass_override(tmp_path: Path) -> None:
+    cfg = load_config(None, ["rewards.0.weight=2", "rewards.1.name=format", "rewards.1.weight=0.5"])
+    assert cfg.rewards == [RewardSpec(name="task", weight=2.0), RewardSpec(name="format", weight=0.5)]
+    path = write(tmp_path, "rewards:\n  - {name: task}\n  - {name: 'mod:fn', kwargs: {k: 1}}\n")
+    cfg = load_config(path, ["rewards.1.kwargs.k=3"])
+    assert cfg.rewards[1] == RewardSpec(name="mod:fn", weight=1.0, kwargs={"k": 3})
+    with pytest.raises(ConfigError, match="not a valid index"):
+        load_config(None, ["rewards.5.weight=1"])
+
+
+def test_unknown_key_in_yaml_suggests(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, "train:\n  lrr: 0.1\n"))
+    msg = str(exc.value)
+    assert "'train.lrr'" in msg and "Did you mean 'train.lr'" in msg and "prompts_per_step" in msg
+
+
+def test_unknown_key_in_override_suggests() -> None:
+    with pytest.raises(ConfigError, match=r"Did you mean 'train\.lr'"):
+        load_config(None, ["train.lrr=1e-5"])
+    with pytest.raises(ConfigError, match=r"Did you mean 'rollout\.n'"):
+        load_config(None, ["train.n=4"])  # right name, wrong section
+    with pytest.raises(ConfigError, match=r"Did you mean 'rewards\.0\.weight'"):
+        load_config(None, ["rewards.0.wieght=2"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["train.lr"])
+
+
+def test_unknown_section(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, "trian:\n  lr: 0.1\n"))
+    assert "'trian'" in str(exc.value) and "Did you mean 'train'" in str(exc.value)
+    with pytest.raises(ConfigError, match="Did you mean 'train'"):
+        load_config(None, ["trian.lr=0.1"])
+
+
+@pytest.mark.parametrize(
+    "yaml_text, key, expected",
+    [
+        ('train:\n  steps: "abc"\n', "train.steps", "int"),
+        ("run:\n  progress: 3\n", "run.progress", "bool"),
+        ("train:\n  steps: true\n", "train.steps", "int"),  # bool is not an int
+        ("train:\n  lr: true\n", "train.lr", "float"),
+        ("train:\n  lr: fast\n", "train.lr", "float"),
+        ("model:\n  revision: 3\n", "model.revision", "str | None"),
+        ("data:\n  task_kwargs: [1, 2]\n", "data.task_kwargs", "dict[str, Any]"),
+        ("train:\n  adam_betas: [0.9, x]\n", "train.adam_betas.1", "float"),
+        ("rewards:\n  name: task\n", "rewards", "list[RewardSpec]"),
+        ("rewards:\n  - {weight: heavy}\n", "rewards.0.weight", "float"),
+        ("train: 5\n", "train", "TrainConfig"),
+    ],
+)
+def test_wrong_type(tmp_path: Path, yaml_text: str, key: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, yaml_text))
+    msg = str(exc.value)
+    assert f"'{key}'" in msg and f"expects {expected}" in msg, msg
+
+
+def test_wrong_type_in_override_and_toplevel(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"'train\.steps' expects int.*'abc'"):
+        load_config(None, ["train.steps=abc"])
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_from_dict_direct() -> None:
+    train = from_dict(TrainConfig, {"lr": 1, "steps": 3}, "train")
+    assert train == TrainConfig(lr=1.0, steps=3)
+    with pytest.raises(ConfigError, match=r"'train\.stepz'"):
+        from_dict(TrainConfig, {"stepz": 3}, "train")
+
+
+def test_batch_divisibility_errors() -> None:
+    # rollout batch 8 x 8 = 64, mini 24 does not divide it
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["train.mini_batch_size=24"])
+    msg = str(exc.value)
+    assert "train.mini_batch_size=24" in msg and "64" in msg and "16, 32, 64" in msg
+    # mini 16, micro 6
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["train.mini_batch_size=16", "train.micro_batch_size=6"])
+    msg = str(exc.value)
+    assert "train.micro_batch_size=6" in msg and "16" in msg and "1, 2, 4, 8, 16" in msg
+    # mini = whole rollout batch (2 x 2 = 4) and default micro 8
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["train.prompts_per_step=2", "rollout.n=2"])
+    assert "micro_batch_size=8" in str(exc.value) and "1, 2, 4" in str(exc.value)
+    cfg = load_config(None, ["train.prompts_per_step=2", "rollout.n=2", "train.micro_batch_size=2"])
+    assert cfg.rollout_batch_size == 4 and cfg.resolved_mini_batch_size == 4
+
+
+def test_group_size_at_least_two() -> None:
+    with pytest.raises(ConfigError, match="at least 2 completions per prompt"):
+        load_config(None, ["rollout.n=1"])
+
+
+def test_jsonl_requires_path() -> None:
+    with pytest.raises(ConfigError, match="data.path"):
+        load_config(None, ["data.source=jsonl"])
+    assert load_config(None, ["data.source=jsonl", "data.path=train.jsonl"]).data.path == "train.jsonl"
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("model.dtype=fp16", "model.dtype"),
+        ("model.device=gpu", "model.device"),
+        ("data.source=hf", "data.source"),
+        ("data.answer_extraction=box", "Did you mean 'boxed'"),
+        ("data.prompt_template=Solve it", "{question}"),
+        ("rollout.temperature=0", "rollout.temperature"),
+        ("rollout.top_p=1.5", "rollout.top_p"),
+        ("algo.clip_eps_low=-0.1", "algo.clip_eps_low"),
+        ("algo.kl_estimator=k4", "k1, k2, k3"),
+        ("train.lr=0", "train.lr"),
+        ("train.lr=nan", "train.lr"),
+        ("train.adam_betas=[0.9]", "exactly 2"),
+        ("train.lr_schedule=step", "constant, linear, cosine"),
+        ("rewards=[]", "at least one reward"),
+    ],
+)
+def test_validation_errors(override: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, [override])
+    assert needle in str(exc.value)
+
+
+def test_validation_accepts_valid_choices() -> None:
+    cfg = load_config(None, ["model.device=cuda:1", "model.dtype=bfloat16", "train.lr_schedule=cosine",
+                             "data.answer_extraction=last_number", "rollout.top_p=0.9"])
+    assert cfg.model.device == "cuda:1"
+
+
+def test_registry_names_not_validated() -> None:
+    cfg = load_config(None, ["algo.advantage=my_adv", "algo.policy_loss=x", "rewards.0.name=mod:fn"])
+    assert cfg.algo.advantage == "my_adv"
+
+
+def test_validation_collects_all_errors() -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["rollout.n=1", "train.lr=-1"])
+    assert "rollout.n" in str(exc.value) and "train.lr" in str(exc.value)
+
+
+def test_round_trip(tmp_path: Path) -> None:
+    cfg = load_config(None, [
+        "train.lr=1e-5", "rollout.n=4", "data.task_kwargs.num_terms=2", "data.system_prompt=Be brief.",
+        "rewards.1.name=format", "rewards.1.weight=0.25", "model.revision=abc123", "run.seed=7",
+    ])
+    path = save_config(cfg, tmp_path / "sub" / "saved.yaml")
+    again = load_config(path)
+    assert again == cfg
+    assert to_dict(again) == to_dict(cfg)
+    assert load_config(save_config(Config(), tmp_path / "d.yaml")) == Config()
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
