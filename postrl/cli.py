@@ -73,7 +73,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 rollout.n=4")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     p.set_defaults(func=cmd_train)
-    args = parser.parse_args(argv)
+    # parse_known_args + re-check: argparse cannot put positionals after an option into `overrides`
+    # (`postrl train CONFIG --resume DIR train.steps=N`, as the Ctrl-C message suggests), so
+    # key=value words left over are taken as overrides and anything else is still an error.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="[%(levelname)s %(name)s] %(message)s")
     return args.func(args)

@@ -182,6 +182,14 @@ def load_model_and_tokenizer(
 
     if Path(name_or_path).expanduser().exists():
         path = str(Path(name_or_path).expanduser())
+        if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
+            # checked first: transformers' own error for this case talks about tokenizer backends
+            found = sorted(p.name for p in Path(path).iterdir())[:10]
+            raise ModelLoadError(
+                f"The local path {path!r} is not a model directory: it has no config.json "
+                f"(it contains: {', '.join(found) if found else 'nothing'}). Give a directory written by "
+                "save_pretrained (config.json, weights, tokenizer files) or a hub id. " + _HOW_TO_GET_DEFAULT
+            )
         try:
             return finish(*_load_pretrained(path, torch_dtype, **kwargs), path)
         except Exception as exc:  # noqa: BLE001 - re-raised with guidance

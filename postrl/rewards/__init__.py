@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from postrl.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 RewardFn = Callable[..., float]
@@ -36,7 +38,7 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
 
 
 def resolve_reward(name: str) -> RewardFn:
-    """A registered name, or ``package.module:function``."""
+    """A registered name, or ``package.module:function``; :class:`ConfigError` (a ValueError) otherwise."""
     if name in REWARDS:
         return REWARDS[name]
     if ":" in name:
@@ -44,13 +46,13 @@ def resolve_reward(name: str) -> RewardFn:
         try:
             fn = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
-            raise ValueError(f"rewards: cannot import {name!r} ({exc}); use 'package.module:function'.") from exc
+            raise ConfigError(f"rewards: cannot import {name!r} ({exc}); use 'package.module:function'.") from exc
         if not callable(fn):
-            raise ValueError(f"rewards: {name!r} is not callable")
+            raise ConfigError(f"rewards: {name!r} is not callable")
         return fn
     close = difflib.get_close_matches(name, list(REWARDS), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    raise ValueError(
+    raise ConfigError(
         f"Unknown reward {name!r}.{hint} Valid: {', '.join(sorted(REWARDS))}, or 'package.module:function'."
     )
 

@@ -36,7 +36,7 @@ from postrl.data import PromptSampler, build_messages, build_source, render_prom
 from postrl.eval import greedy_eval
 from postrl.models.loading import load_model_and_tokenizer
 from postrl.models.logprobs import completion_logprobs
-from postrl.rewards import RewardPipeline
+from postrl.rewards import RewardPipeline, resolve_reward
 from postrl.rollout.generator import Generator, SamplingParams
 from postrl.trainer.checkpoint import (
     latest_checkpoint,
@@ -107,6 +107,8 @@ def check_registries(cfg: Config) -> None:
             registry.get_fn(name)
         except KeyError as exc:
             raise ConfigError(exc.args[0]) from None
+    for spec in cfg.rewards:  # also before the (possibly slow) data source is built
+        resolve_reward(spec.name)
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -153,20 +155,18 @@ class RLTrainer:
     def __init__(self, cfg: Config, resume: str | Path | None = None):
         self.cfg = cfg
         check_registries(cfg)
-        if cfg.run.threads > 0:
-            torch.set_num_threads(cfg.run.threads)
-        seed_everything(cfg.run.seed)
-        self.source = build_data_source(cfg)
-        self.rewards = RewardPipeline(cfg.rewards, self.source)
-
         ckpt = None
         if resume is not None:
             self.run_dir = Path(resume)
             ckpt = latest_checkpoint(self.run_dir / "checkpoints")
             if ckpt is None:
                 raise TrainingError(f"--resume {resume}: no complete checkpoint under {self.run_dir / 'checkpoints'}")
-        else:
-            self.run_dir = new_run_dir(cfg)
+        if cfg.run.threads > 0:
+            torch.set_num_threads(cfg.run.threads)
+        seed_everything(cfg.run.seed)
+        self.source = build_data_source(cfg)
+        self.rewards = RewardPipeline(cfg.rewards, self.source)
+
         m = cfg.model
         self.model, self.tokenizer, self.model_source = load_model_and_tokenizer(
             str(ckpt) if ckpt else m.name_or_path, dtype=m.dtype, device=m.device, revision=m.revision,
@@ -201,6 +201,8 @@ class RLTrainer:
         self._prompt_cache: dict[str, list[int]] = {}
         if ckpt is not None:
             self._load_state(ckpt)
+        else:  # created only now, so that a config, data or model error leaves no empty run directory behind
+            self.run_dir = new_run_dir(cfg)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._truncate_metrics(self.state.step)
         save_config(cfg, self.run_dir / "config.yaml")
@@ -247,12 +249,19 @@ class RLTrainer:
         }
 
     def _load_state(self, ckpt: Path) -> None:
-        st = load_trainer_state(ckpt)
-        self.state = RunState(**st["run_state"])
-        self.optimizer.load_state_dict(st["optimizer"])
-        self.scheduler.load_state_dict(st["scheduler"])
-        self.sampler.load_state_dict(st["sampler"])
-        set_rng_state(st["rng"])
+        try:
+            st = load_trainer_state(ckpt)
+            self.state = RunState(**st["run_state"])
+            self.optimizer.load_state_dict(st["optimizer"])
+            self.scheduler.load_state_dict(st["scheduler"])
+            self.sampler.load_state_dict(st["sampler"])
+            set_rng_state(st["rng"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            # e.g. resuming with other data (sampler size) or another model (optimizer param groups)
+            raise TrainingError(
+                f"--resume {self.run_dir}: cannot restore the trainer state of {ckpt}: {exc}. Resume with the "
+                f"run's own config ({self.run_dir / 'config.yaml'}); only settings such as train.steps may change."
+            ) from exc
         log.info("resumed from %s at step %d", ckpt, self.state.step)
 
     def save(self) -> Path:
@@ -379,7 +388,8 @@ class RLTrainer:
                 with open(self.metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 progress.update(record)
-                if self.state.consecutive_nonfinite >= cfg.train.max_nonfinite_steps:
+                # (a finite step never aborts, also with max_nonfinite_steps=0, which means "abort on the first")
+                if self.state.consecutive_nonfinite >= max(1, cfg.train.max_nonfinite_steps):
                     last = latest_checkpoint(self.run_dir / "checkpoints")
                     raise TrainingError(
                         f"{self.state.consecutive_nonfinite} steps in a row had a non-finite loss or gradient "
