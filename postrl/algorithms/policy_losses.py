@@ -15,6 +15,10 @@ GRPO = ``advantage: grpo`` + ``policy_loss: ppo_clip`` + ``loss_agg: token_mean`
 
 Every loss returns ``(loss_tokens [B, T], stats)`` where ``stats`` holds
 per-token diagnostics (e.g. ``clipped`` as float 0/1) for logging.
+
+A loss whose value and gradient are exactly 0 wherever the advantage is 0
+sets ``fn.zero_at_zero_advantage = True``; the trainer then skips the
+forward/backward of such sequences (same gradient, less compute).
 """
 
 from __future__ import annotations
@@ -51,3 +55,6 @@ def ppo_clip_loss(
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages
     loss = -torch.minimum(unclipped, clipped)
     return loss, {"clipped": (clipped < unclipped).float(), "ratio": ratio.detach()}
+
+
+ppo_clip_loss.zero_at_zero_advantage = True  # -min(r * 0, clip(r) * 0) == 0 for every r

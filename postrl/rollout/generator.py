@@ -33,6 +33,8 @@ class Generation:
     Shapes: ``completion_ids``, ``completion_mask``, ``logprobs`` are ``[B, T]``
     with ``T`` the longest completion; padding positions hold ``pad_id``, 0 and 0.
     ``truncated[b]`` is True when sequence b hit ``max_new_tokens`` without EOS.
+    ``entropy [B, T]`` is the entropy of the temperature-scaled next-token
+    distribution at each generated position (0 at padding).
     """
 
     prompt_ids: list[list[int]]
@@ -41,6 +43,7 @@ class Generation:
     logprobs: torch.Tensor
     truncated: torch.Tensor
     decode_steps: int
+    entropy: torch.Tensor
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -115,6 +118,7 @@ class Generator:
             logprobs=cat(2, 0.0),
             truncated=torch.cat([p[3] for p in parts]),
             decode_steps=sum(p[4] for p in parts),
+            entropy=cat(5, 0.0),
         )
 
     def _generate_chunk(self, prompts, params: SamplingParams, rng: torch.Generator, device):
@@ -123,6 +127,7 @@ class Generator:
         out_ids = torch.full((B, T), self.pad_id, dtype=torch.long, device=device)
         out_mask = torch.zeros((B, T), dtype=torch.long, device=device)
         out_lp = torch.zeros((B, T), dtype=torch.float32, device=device)
+        out_ent = torch.zeros((B, T), dtype=torch.float32, device=device)
         eos = self.eos.to(device)
         active = torch.arange(B, device=device)  # rows of the full batch still decoding
         cache = DynamicCache()
@@ -146,6 +151,7 @@ class Generator:
             out_ids[active, t] = tok
             out_mask[active, t] = 1
             out_lp[active, t] = logp_full.gather(-1, tok[:, None]).squeeze(-1)
+            out_ent[active, t] = -(logp_full.exp() * logp_full).sum(-1)
             done = torch.isin(tok, eos)
             keep = ~done
             if not bool(keep.any()):
@@ -162,4 +168,5 @@ class Generator:
         last_tok = out_ids.gather(-1, (finished_len - 1).clamp(min=0)[:, None]).squeeze(-1)
         truncated = ~torch.isin(last_tok, eos)
         width = int(finished_len.max().item())
-        return out_ids[:, :width], out_mask[:, :width], out_lp[:, :width], truncated.cpu(), steps
+        return (out_ids[:, :width], out_mask[:, :width], out_lp[:, :width], truncated.cpu(), steps,
+                out_ent[:, :width])

@@ -152,6 +152,8 @@ class _InterruptFlag:
 class RLTrainer:
     """Holds the pieces of one run; :meth:`fit` is the loop."""
 
+    skip_zero_advantage = True  # exact compute saving, see update(); tests switch it off to compare
+
     def __init__(self, cfg: Config, resume: str | Path | None = None):
         self.cfg = cfg
         check_registries(cfg)
@@ -303,8 +305,14 @@ class RLTrainer:
                 ref_lp = torch.cat([completion_logprobs(self.ref_model, prompts[i:i + micro], ids[i:i + micro],
                                                         mask[i:i + micro], self.tokenizer.pad_token_id, temp)[0]
                                     for i in range(0, B, micro)])
-        sums = {"loss": 0.0, "clip_frac": 0.0, "entropy": 0.0, "kl": 0.0, "kl_ref": 0.0}
-        tokens_seen, grad_norms, skipped, updates = 0.0, [], 0, 0
+        # Sequences with advantage exactly 0 contribute exactly 0 loss and gradient when the policy loss says
+        # so and no KL / entropy term is on: skip their forward/backward but keep their tokens in the
+        # token-mean denominator, so the update is the same as computing them.
+        skip_zero = (self.skip_zero_advantage and a.kl_coef == 0 and a.entropy_coef == 0
+                     and getattr(self.policy_loss_fn, "zero_at_zero_advantage", False))
+        sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "kl_ref": 0.0}
+        tokens_seen, grad_norms, skipped, updates, rows_computed = 0.0, [], 0, 0, 0
+        lr = self.scheduler.get_last_lr()[0]
         self.model.train()
         order_rng = torch.Generator().manual_seed(step_seed(cfg.run.seed, step) + 1)
         for epoch in range(cfg.train.epochs):
@@ -312,15 +320,21 @@ class RLTrainer:
             for start in range(0, B, mini):
                 mb = order[start:start + mini]
                 n_tok = float(mask[mb].sum())
-                self.optimizer.zero_grad(set_to_none=True)
+                if skip_zero:
+                    mb = mb[adv[mb].cpu() != 0]
+                for p in self.params:  # explicit zeros, so a step with every row skipped still steps Adam
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    else:
+                        p.grad.zero_()
                 finite = True
                 for mstart in range(0, len(mb), micro):
                     idx = mb[mstart:mstart + micro]
                     width = max(1, int(mask[idx].sum(-1).max()))
                     m_ids, m_mask = ids[idx, :width], mask[idx, :width].float()
                     lp, ent = completion_logprobs(self.model, [prompts[i] for i in idx], m_ids, mask[idx, :width],
-                                                  self.tokenizer.pad_token_id, temp, with_entropy=True,
-                                                  entropy_grad=a.entropy_coef > 0)
+                                                  self.tokenizer.pad_token_id, temp,
+                                                  with_entropy=a.entropy_coef > 0, entropy_grad=True)
                     loss_tok, stats = self.policy_loss_fn(lp, old_lp[idx, :width], adv[idx],
                                                           eps_low=a.clip_eps_low, eps_high=a.clip_eps_high)
                     if ref_lp is not None:
@@ -334,10 +348,10 @@ class RLTrainer:
                         finite = False
                         break
                     loss.backward()
+                    rows_computed += len(idx)
                     with torch.no_grad():
                         sums["loss"] += float(loss)
                         sums["clip_frac"] += float((stats["clipped"] * m_mask).sum())
-                        sums["entropy"] += float((ent.detach() * m_mask).sum())
                         sums["kl"] += float((KL_ESTIMATORS["k3"](lp.detach(), old_lp[idx, :width]) * m_mask).sum())
                     tokens_seen += float(m_mask.sum())
                 clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
@@ -346,16 +360,17 @@ class RLTrainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     skipped += 1
                     continue
-                self.optimizer.step()
+                self.optimizer.step()  # also when every row was skipped: zero gradients, Adam moments still move
                 updates += 1
                 grad_norms.append(float(gnorm))
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         denom = max(tokens_seen, 1.0)
         out = {"loss": sums["loss"] / max(updates, 1), "clip_frac": sums["clip_frac"] / denom,
-               "entropy": sums["entropy"] / denom, "kl": sums["kl"] / denom,
+               "kl": sums["kl"] / denom, "lr": lr,
                "grad_norm": float(np.mean(grad_norms)) if grad_norms else float("nan"),
-               "updates": updates, "skipped_updates": skipped}
+               "updates": updates, "skipped_updates": skipped,
+               "rows_computed_frac": rows_computed / max(1, B * cfg.train.epochs)}
         if ref_lp is not None:
             out["kl_ref"] = sums["kl_ref"] / denom
         return out
@@ -432,7 +447,7 @@ class RLTrainer:
             "reward_std": float(np.std(res.total)),
             "accuracy": float(np.mean(batch["correct"])),
             "kl": upd["kl"],
-            "entropy": upd["entropy"],
+            "entropy": float((gen.entropy * gen.completion_mask).sum() / max(gen_tokens, 1.0)),
             "response_len_mean": float(lengths.mean()),
             "response_len_max": float(lengths.max()),
             "truncated_frac": float(gen.truncated.float().mean()),
@@ -443,7 +458,8 @@ class RLTrainer:
             "loss": upd["loss"],
             "clip_frac": upd["clip_frac"],
             "grad_norm": upd["grad_norm"],
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": upd["lr"],
+            "rows_computed_frac": upd["rows_computed_frac"],
             "skipped_updates": upd["skipped_updates"],
             "nonfinite_steps": self.state.nonfinite_total,
             "reward_errors": sum(res.errors.values()),
