@@ -84,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="[%(levelname)s %(name)s] %(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-file "Loading weights" bars would bury postrl's own progress
     return args.func(args)
 
 

@@ -33,4 +33,4 @@ def kl_k2(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
 def kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
     # clamp the log-ratio so exp() cannot overflow on a badly diverged token
     log_ratio = (ref_logprobs - logprobs).clamp(-20.0, 20.0)
-    return torch.exp(log_ratio) - log_ratio - 1.0
+    return torch.expm1(log_ratio) - log_ratio  # expm1 keeps tiny ratios from rounding below 0

@@ -381,8 +381,10 @@ class RLTrainer:
         t_start = time.time()
         wall_before = self.state.wall_time_s
         if cfg.eval.before and "eval_before" not in self.state.results:
-            self.state.results["eval_before"] = self.evaluate()
+            ev = self.state.results["eval_before"] = self.evaluate()
             self._write_results()
+            if cfg.run.progress:
+                print(f"[eval] before training: held-out greedy accuracy {ev['accuracy']:.1%} (n={ev['n']})", flush=True)
         progress = Progress(total=cfg.train.steps, initial=self.state.step, enabled=cfg.run.progress)
         interrupted = False
         with _InterruptFlag() as stop, progress:
@@ -428,7 +430,9 @@ class RLTrainer:
             self.state.results["interrupted"] = True
             return self.state.results
         if cfg.eval.after:
-            self.state.results["eval_after"] = self.evaluate()
+            ev = self.state.results["eval_after"] = self.evaluate()
+            if cfg.run.progress:
+                print(f"[eval] after training: held-out greedy accuracy {ev['accuracy']:.1%} (n={ev['n']})", flush=True)
         self.state.wall_time_s = wall_before + time.time() - t_start
         self.state.results["steps"] = self.state.step
         self.state.results["wall_time_s"] = self.state.wall_time_s
