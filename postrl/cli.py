@@ -7,15 +7,12 @@ import logging
 import sys
 from pathlib import Path
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = Path(__file__).resolve().parent / "recipes"  # also reachable as ./recipes in a checkout
 
 
 def _default_recipe() -> Path:
-    """The quickstart recipe: from the source tree, or the copy packaged inside postrl."""
-    for candidate in (RECIPES / "quickstart.yaml", Path(__file__).resolve().parent / "recipes" / "quickstart.yaml"):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError("recipes/quickstart.yaml not found; pass a config file explicitly")
+    """The quickstart recipe, shipped inside the package so that it works from any install."""
+    return RECIPES / "quickstart.yaml"
 
 
 def _print_table(results: dict) -> None:

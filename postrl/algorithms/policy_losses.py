@@ -10,8 +10,12 @@ name           per-token loss, ratio rho = exp(logp - logp_old)                 
                                                                                 DAPO "clip-higher"
 =============  ================================================================  ======================
 
-GRPO = ``advantage: grpo`` + ``policy_loss: ppo_clip`` + ``loss_agg: token_mean``
-(+ optional ``kl_coef`` with the k3 estimator).
+GRPO as postrl runs it by default = ``advantage: grpo`` + ``policy_loss: ppo_clip``
++ ``loss_agg: token_mean`` (+ optional ``kl_coef`` with the k3 estimator). Note the
+aggregation: DeepSeekMath eq. 3 averages each completion's tokens (1/|o_i|) and
+then the group; ``token_mean`` is the token-level average that DAPO (eq. 12) and
+most GRPO implementations use. The per-sequence variants come with the
+algorithm library.
 
 Every loss returns ``(loss_tokens [B, T], stats)`` where ``stats`` holds
 per-token diagnostics (e.g. ``clipped`` as float 0/1) for logging.

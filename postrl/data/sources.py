@@ -84,14 +84,20 @@ class PromptSource:
     def _score_extracted(self, extracted: str, sample: Sample) -> float:
         raise NotImplementedError
 
-    def score(self, completion: str, sample: Sample) -> float:
-        """Reward in [0, 1] for ``completion`` on ``sample``. Never raises."""
+    def score(self, completion: str, sample: Sample, strict: bool = False) -> float:
+        """Reward in [0, 1] for ``completion`` on ``sample``.
+
+        Never raises unless ``strict``: then a failing scorer raises, so that the
+        reward pipeline can count the failure (it still scores 0 there).
+        """
         extracted = self.extract(completion)
         if extracted is None or extracted == "":
             return 0.0
         try:
             r = float(self._score_extracted(extracted, sample))
         except Exception as e:  # scorer bugs / timeouts must not crash training
+            if strict:
+                raise
             logger.debug("scoring failed for %s: %r", sample.uid, e)
             return 0.0
         if r != r:  # NaN

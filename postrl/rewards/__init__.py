@@ -60,7 +60,7 @@ def resolve_reward(name: str) -> RewardFn:
 @register_reward("task")
 def task_reward(completion: str, sample: Any, *, source: Any) -> float:
     """The prompt source's own scorer (reasoning-gym's ``score_answer``, math-verify for JSONL)."""
-    return source.score(completion, sample)
+    return source.score(completion, sample, strict=True)
 
 
 @dataclass

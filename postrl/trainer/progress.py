@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from typing import Any
 
@@ -11,8 +12,8 @@ from tqdm.auto import tqdm
 class Progress:
     """A tqdm bar over training steps whose postfix shows the latest metrics.
 
-    When disabled (``run.progress: false``) or not attached to a terminal, one
-    plain line per step is printed instead, so logs stay readable in CI.
+    When stderr is not a terminal (CI logs, pipes), one plain line per step is
+    printed instead. ``run.progress: false`` prints nothing.
     """
 
     FIELDS = (("reward", "reward_mean", "{:.3f}"), ("acc", "accuracy", "{:.2f}"), ("kl", "kl", "{:.4f}"),
@@ -22,7 +23,11 @@ class Progress:
     def __init__(self, total: int, initial: int = 0, enabled: bool = True):
         self.live = enabled and sys.stderr.isatty()
         self.enabled = enabled
-        self.bar = tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True) if self.live else None
+        # a pseudo-terminal may report a 0 x 0 size, which makes tqdm hide its bar: fall back to 120 x 24
+        cols, rows = shutil.get_terminal_size((120, 24))
+        self.bar = (tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr,
+                         ncols=cols or 120, nrows=rows or 24, mininterval=0)
+                    if self.live else None)
         self.total = total
 
     def format(self, record: dict[str, Any]) -> dict[str, str]:

@@ -423,11 +423,11 @@ class RLTrainer:
                     interrupted = True
                     break
         if interrupted:
+            self.state.results["interrupted"] = True
             path = self.save()
             self._write_results()
             progress.write(f"[postrl] interrupted at step {self.state.step}; checkpoint {path}. "
                            f"Resume with: postrl train {self.run_dir / 'config.yaml'} --resume {self.run_dir}")
-            self.state.results["interrupted"] = True
             return self.state.results
         if cfg.eval.after:
             ev = self.state.results["eval_after"] = self.evaluate()
