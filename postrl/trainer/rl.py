@@ -380,6 +380,7 @@ class RLTrainer:
         cfg = self.cfg
         t_start = time.time()
         wall_before = self.state.wall_time_s
+        self.state.results.pop("interrupted", None)  # a resumed run is no longer the interrupted one
         if cfg.eval.before and "eval_before" not in self.state.results:
             ev = self.state.results["eval_before"] = self.evaluate()
             self._write_results()
