@@ -52,9 +52,11 @@ def ckpt_names(run_dir: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def test_resume_is_exact(tiny_config, tiny_model_dir):
-    # warmup over 4 steps makes the scheduler state matter (and does not depend on train.steps)
-    opts = (*LEARN, "train.warmup_steps=4")
+@pytest.mark.parametrize("kl_coef", [0.0, 0.1])
+def test_resume_is_exact(tiny_config, tiny_model_dir, kl_coef):
+    # warmup over 4 steps makes the scheduler state matter (and does not depend on train.steps);
+    # with a KL term the resumed run must reload the *original* model as its frozen reference
+    opts = (*LEARN, "train.warmup_steps=4", f"algo.kl_coef={kl_coef}")
     straight_dir, _ = train(tiny_config(*opts, "train.steps=6", "train.save_every=0", "run.name=straight"))
 
     split_dir, res3 = train(tiny_config(*opts, "train.steps=3", "run.name=split"))
@@ -84,6 +86,11 @@ def test_resume_is_exact(tiny_config, tiny_model_dir):
         for key in ("accuracy", "response_len_mean", "loss", "entropy", "kl", "grad_norm", "lr"):
             assert a[key] == pytest.approx(b[key], abs=1e-6), (a["step"], key)
         assert set(a) == set(b)
+        if kl_coef:
+            assert a["kl_ref"] == pytest.approx(b["kl_ref"], abs=1e-7) and a["kl_ref"] >= 0
+            assert a["rows_computed_frac"] == 1.0  # a KL term makes every row matter
+    if kl_coef:
+        assert m_straight[0]["kl_ref"] < 1e-6 < m_straight[-1]["kl_ref"]  # starts at the reference, drifts
     # the reward signal was not constant, so the policy gradient was non-zero
     assert len({r["reward_mean"] for r in m_straight}) > 1
     assert [r["lr"] for r in m_straight] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])  # lr used in each step
