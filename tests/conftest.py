@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from postrl.config import load_config
 from postrl.models.tiny import build_tiny_model
@@ -49,3 +50,16 @@ def tiny_config(tiny_model_dir, copy_task, tmp_path):
         return load_config(None, base + list(overrides))
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """Tests that set run.threads must not leave torch's thread count changed for the next test."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]

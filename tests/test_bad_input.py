@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import read_metrics
 import torch
 from safetensors.torch import load_file
 
@@ -28,17 +29,6 @@ from postrl.trainer import rl as rl_mod
 from postrl.trainer.checkpoint import latest_checkpoint, list_checkpoints
 
 FAST = ("run.threads=1",)
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

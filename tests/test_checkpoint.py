@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import read_metrics
 import torch
 from safetensors.torch import load_file
 
@@ -26,17 +27,6 @@ from postrl.trainer.checkpoint import latest_checkpoint, list_checkpoints, load_
 # a config in which learning happens: sampled completions (temperature 1), groups of 4, lr 1e-3
 LEARN = ("train.lr=1e-3", "rollout.n=4", "rollout.temperature=1.0", "run.threads=1")
 TIME_KEYS = {"tokens_per_s", "gen_tokens_per_s", "step_time_s", "gen_time_s"}
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
 def weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
