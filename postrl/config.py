@@ -85,6 +85,8 @@ DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 DATA_SOURCES = ("reasoning_gym", "jsonl")
 ANSWER_EXTRACTIONS = ("raw", "answer_tag", "boxed", "last_number")
 LR_SCHEDULES = ("constant", "linear", "cosine")
+ADV_STD_SCOPES = ("group", "batch", "none")
+TIS_MODES = ("off", "clamp", "mask")
 
 
 class ConfigError(ValueError):
@@ -198,6 +200,32 @@ class AlgoConfig:
     """KL estimator: k1 | k2 | k3."""
     entropy_coef: float = 0.0
     """Weight of the entropy bonus; 0 = off."""
+    adv_std_scope: str = "group"
+    """grpo: divide by the std of the group | batch | none."""
+    gamma: float = 1.0
+    """Discount for token-level returns (reinforce_pp, gae)."""
+    lam: float = 1.0
+    """GAE lambda."""
+    adv_whiten: bool = False
+    """gae: whiten advantages over the valid tokens of the batch."""
+    dual_clip_c: float = 0.0
+    """Dual-clip constant c (> 1) bounding the loss of negative-advantage tokens; 0 = off."""
+    tis_mode: str = "off"
+    """Truncated importance sampling against the behaviour (rollout engine) log-probs: off | clamp | mask."""
+    tis_cap: float = 2.0
+    """Cap C of the truncated importance weight."""
+    kl_in_reward: bool = False
+    """Put the KL penalty into the per-token reward (REINFORCE++/PPO style) instead of the loss."""
+    kl_target: float = 0.0
+    """Adaptive KL coefficient (Ziegler et al. 2019) towards this KL; 0 = fixed kl_coef."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive KL controller."""
+    overlong_buffer: int = 0
+    """DAPO overlong shaping: linear penalty in the last N tokens before max_new_tokens; 0 = off."""
+    overlong_penalty: float = 1.0
+    """DAPO overlong shaping: penalty at the maximum length."""
+    overlong_filter: bool = False
+    """DAPO overlong filtering: truncated completions are masked out of the loss."""
 
 
 @dataclass
@@ -665,6 +693,18 @@ def validate(cfg: Config) -> None:
     at_least("algo.adv_eps", a.adv_eps, 0)
     at_least("algo.kl_coef", a.kl_coef, 0)
     check(abs(a.entropy_coef) < float("inf"), "algo.entropy_coef", a.entropy_coef, "must be finite")
+    _choice(errors, "algo.adv_std_scope", a.adv_std_scope, ADV_STD_SCOPES)
+    _choice(errors, "algo.tis_mode", a.tis_mode, TIS_MODES)
+    check(0 <= a.gamma <= 1, "algo.gamma", a.gamma, "must be in [0, 1]")
+    check(0 <= a.lam <= 1, "algo.lam", a.lam, "must be in [0, 1]")
+    check(a.dual_clip_c == 0 or a.dual_clip_c > 1, "algo.dual_clip_c", a.dual_clip_c, "must be 0 (off) or > 1")
+    check(a.tis_cap > 0, "algo.tis_cap", a.tis_cap, "must be > 0")
+    at_least("algo.kl_target", a.kl_target, 0, " (0 = fixed coefficient)")
+    at_least("algo.kl_horizon", a.kl_horizon, 1)
+    at_least("algo.overlong_buffer", a.overlong_buffer, 0, " (0 = off)")
+    check(a.overlong_buffer < r.max_new_tokens or a.overlong_buffer == 0, "algo.overlong_buffer",
+          a.overlong_buffer, f"must be smaller than rollout.max_new_tokens ({r.max_new_tokens})")
+    at_least("algo.overlong_penalty", a.overlong_penalty, 0)
 
     # train
     at_least("train.steps", t.steps, 1)
