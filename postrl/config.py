@@ -226,6 +226,11 @@ class AlgoConfig:
     """DAPO overlong shaping: penalty at the maximum length."""
     overlong_filter: bool = False
     """DAPO overlong filtering: truncated completions are masked out of the loss."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: drop groups whose rewards are all equal and sample more prompts until
+    train.prompts_per_step groups remain (or max_sampling_tries batches were drawn)."""
+    max_sampling_tries: int = 4
+    """Cap on rollout batches drawn per step with dynamic_sampling."""
 
 
 @dataclass
@@ -705,6 +710,7 @@ def validate(cfg: Config) -> None:
     check(a.overlong_buffer < r.max_new_tokens or a.overlong_buffer == 0, "algo.overlong_buffer",
           a.overlong_buffer, f"must be smaller than rollout.max_new_tokens ({r.max_new_tokens})")
     at_least("algo.overlong_penalty", a.overlong_penalty, 0)
+    at_least("algo.max_sampling_tries", a.max_sampling_tries, 1)
 
     # train
     at_least("train.steps", t.steps, 1)

@@ -335,11 +335,11 @@ NAN_PLAN: dict = {"calls": 0, "nan": lambda call: False}
 if NAN_LOSS not in POLICY_LOSSES:
 
     @register_policy_loss(NAN_LOSS)
-    def nan_plan_loss(logprobs, old_logprobs, advantages, **kwargs):
+    def nan_plan_loss(logprobs, old_logprobs, advantages, mask, cfg):
         """ppo_clip, but NaN on the calls chosen by ``NAN_PLAN["nan"](call_index)``."""
         call = NAN_PLAN["calls"]
         NAN_PLAN["calls"] += 1
-        loss, stats = ppo_clip_loss(logprobs, old_logprobs, advantages, **kwargs)
+        loss, stats = ppo_clip_loss(logprobs, old_logprobs, advantages, mask, cfg)
         if NAN_PLAN["nan"](call):
             loss = loss * float("nan")
         return loss, stats

@@ -1,26 +1,90 @@
-"""Advantage estimators: rewards (and later values) -> advantages.
+"""Advantage estimators: rewards (and values) -> per-token advantages.
 
-Which published method uses which estimator:
+=========================  ============================================================  ==========================
+name                       advantage of token t of completion i (group g of size n)      paper
+=========================  ============================================================  ==========================
+``grpo``                   (r_i - mean_g r) / (std_g r + eps), std scope from            DeepSeekMath, Shao et al.
+                           algo.adv_std_scope (group | batch | none)                     2024, arXiv:2402.03300,
+                                                                                         Sec. 4.1.2
+``dr_grpo``                r_i - mean_g r                                                Dr. GRPO, Liu et al. 2025,
+                                                                                         arXiv:2503.20783, Sec. 3.1
+``rloo``                   r_i - 1/(n-1) sum_{j != i} r_j = n/(n-1) (r_i - mean_g r)     RLOO, Ahmadian et al. 2024,
+                                                                                         arXiv:2402.14740, Sec. 3;
+                                                                                         Kool et al. 2019
+``reinforce_pp``           whiten_batch(G_t), G_t = sum_{s>=t} gamma^(s-t) r_s with      REINFORCE++, Hu 2025,
+                           r_s = token_rewards_s (+ r_i on the last valid token)         arXiv:2501.03262, eqs. 8-10
+``reinforce_pp_baseline``  as reinforce_pp with the outcome r_i - mean_g r               same paper ("w/ baseline");
+                                                                                         OpenRLHF reinforce_baseline
+``remax``                  r_i - r(greedy completion of the same prompt)                 ReMax, Li et al. 2023,
+                                                                                         arXiv:2310.10505, Alg. 1
+``bnpo``                   (r_i - p_g) / f_Beta(p_g; alpha, beta), p_g = mean_g r;       BNPO, Xiao et al. 2025,
+                           alpha = 1 + a/3, beta = 1 + b/3, Beta(a, b) fit to the p_g    arXiv:2506.02864, Sec. 3
+``gae``                    sum_l (gamma lam)^l delta_{t+l},                              GAE, Schulman et al. 2016,
+                           delta_t = r_t + gamma V_{t+1} - V_t (optional whitening)      arXiv:1506.02438, eq. 16
+=========================  ============================================================  ==========================
 
-=============  =====================================================  ==========================
-name           advantage of completion i in group g                    paper
-=============  =====================================================  ==========================
-``grpo``       (r_i - mean_g(r)) / (std_g(r) + eps)                    DeepSeekMath (Shao et al.
-                                                                       2024), Sec. 4.1.2
-=============  =====================================================  ==========================
+Every registered estimator has one signature (pure function over tensors + config)::
 
-All estimators take ``rewards`` of shape ``[B]`` laid out group by group
-(``B = num_groups * group_size``; completions ``g*n .. g*n+n-1`` share a
-prompt) and return one advantage per completion, ``[B]``, which the loss
-broadcasts over that completion's tokens (outcome supervision).
+    fn(rewards [B], mask [B, T], group_size, cfg: AlgoConfig, *,
+       token_rewards=None [B, T], values=None [B, T], baseline_rewards=None [B], state=None dict) -> [B, T]
+
+``rewards`` are laid out group by group (``B = groups * group_size``; completions ``g*n .. g*n+n-1``
+share a prompt). The result is exactly 0 wherever ``mask == 0``. ``token_rewards`` are per-token
+reward terms, e.g. ``-kl_coef * kl`` when ``algo.kl_in_reward`` (see :mod:`postrl.algorithms.kl_control`).
+The maths lives in small pure helpers with explicit arguments (``grpo_advantages``,
+``gae_advantages_and_returns``, ...), which the unit tests check against hand-worked numbers.
+
+Conventions shared by the estimators:
+
+* **Outcome estimators** (``grpo``, ``dr_grpo``, ``rloo``, ``remax``) give one number per completion,
+  broadcast over its valid tokens. With ``token_rewards`` they use the KL-shaped *sequence* reward
+  ``r_i + sum_t token_rewards_{i,t}`` (the KL-shaped reward of the whole completion treated as one
+  action, as in Ahmadian et al. 2024; verl's outcome estimators likewise sum ``token_level_rewards``).
+  ``bnpo`` refuses ``token_rewards``: its Beta normalisation needs success rates in [0, 1].
+* **Token-level estimators** (``reinforce_pp``, ``reinforce_pp_baseline``, ``gae``) build per-token
+  rewards: ``token_rewards`` on valid tokens plus the outcome reward on the last valid token.
+  Time runs over *valid* tokens only: a masked position inside a sequence (e.g. an environment
+  observation in a multi-turn episode) is skipped, neither discounted nor bootstrapped from,
+  as verl's ``compute_gae_advantage_return`` does ("skip values and TD-error on observation tokens").
+* **Whitening** is over all valid tokens of the batch, with the population std:
+  ``(x - mean) / (std + algo.adv_eps)``.
+
+Estimators declare extra inputs they require in ``fn.requires`` (e.g. ``("values",)`` for
+``gae``), so a trainer can check a config before it starts; a missing one raises ``ValueError``.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 from torch import Tensor
 
+from postrl.config import AlgoConfig
+
 from .registry import register_advantage
+
+__all__ = [
+    "bnpo_advantages",
+    "bnpo_beta_params",
+    "discounted_returns",
+    "dr_grpo_advantages",
+    "gae_advantages_and_returns",
+    "grpo_advantages",
+    "last_token_rewards",
+    "masked_whiten",
+    "remax_advantages",
+    "rloo_advantages",
+]
+
+BNPO_MAX_WEIGHT = 1e6
+"""Cap on BNPO's normaliser 1 / f_Beta(p), as in the reference implementation (changyi7231/BNPO)."""
+
+
+# --------------------------------------------------------------------------------------------- #
+# Pure helpers: the maths, explicit arguments, no config
+# --------------------------------------------------------------------------------------------- #
 
 
 def _groups(rewards: Tensor, group_size: int) -> Tensor:
@@ -31,7 +95,6 @@ def _groups(rewards: Tensor, group_size: int) -> Tensor:
     return rewards.view(-1, group_size)
 
 
-@register_advantage("grpo")
 def grpo_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6, std_scope: str = "group") -> Tensor:
     """GRPO outcome advantages, DeepSeekMath (arXiv:2402.03300) Sec. 4.1.2:
     ``A_i = (r_i - mean(r_group)) / (std(r_group) + eps)``.
@@ -54,4 +117,388 @@ def grpo_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6, std_sco
         return centered.reshape(-1)
     else:
         raise ValueError(f"std_scope={std_scope!r}; valid: group, batch, none")
-    return (centered / (scale + eps)).reshape(-1)
+    denom = scale + eps
+    # all-equal rewards with eps = 0: 0/0 -> 0 (the documented "advantage 0"), not nan
+    safe = torch.where(denom > 0, denom, torch.ones_like(denom))
+    return torch.where(denom > 0, centered / safe, torch.zeros_like(centered)).reshape(-1)
+
+
+def dr_grpo_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective",
+    arXiv:2503.20783, Sec. 3.1): ``A_i = r_i - mean(r_group)``; the division by the group std
+    is removed (it biases learning towards too-easy and too-hard questions).
+
+    Shapes: ``rewards [B] -> [B]``.
+    """
+    groups = _groups(rewards.float(), group_size)
+    return (groups - groups.mean(dim=1, keepdim=True)).reshape(-1)
+
+
+def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    """REINFORCE Leave-One-Out (Kool et al. 2019, "Buy 4 REINFORCE samples, get a baseline for
+    free!"; Ahmadian et al. 2024, "Back to Basics", arXiv:2402.14740, Sec. 3):
+    ``A_i = r_i - 1/(n-1) * sum_{j != i} r_j``, which equals ``n/(n-1) * (r_i - mean(r_group))``.
+
+    Needs ``group_size >= 2`` (the baseline of a completion is the mean of the others).
+
+    Shapes: ``rewards [B] -> [B]``.
+    """
+    if group_size < 2:
+        raise ValueError(f"rloo needs a group of at least 2 completions per prompt (rollout.n >= 2), got {group_size}")
+    groups = _groups(rewards.float(), group_size)
+    loo_mean = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - loo_mean).reshape(-1)
+
+
+def remax_advantages(rewards: Tensor, baseline_rewards: Tensor) -> Tensor:
+    """ReMax (Li et al. 2023, arXiv:2310.10505, Algorithm 1): the baseline of a sampled completion
+    is the reward of the greedy completion of the same prompt, ``A_i = r_i - r(greedy_i)``.
+
+    Shapes: ``rewards, baseline_rewards [B] -> [B]``.
+    """
+    if rewards.shape != baseline_rewards.shape:
+        raise ValueError(f"remax: baseline_rewards {tuple(baseline_rewards.shape)} must match rewards "
+                         f"{tuple(rewards.shape)} (one greedy reward per completion, repeated over its group)")
+    return rewards.float() - baseline_rewards.to(rewards.device).float()
+
+
+def bnpo_beta_params(group_means: Tensor) -> dict[str, float] | None:
+    """BNPO's choice of the normalising Beta(alpha, beta) (Xiao et al. 2025, arXiv:2506.02864, Sec. 3).
+
+    The success rates ``p(q)`` of the batch's prompts are modelled as ``Beta(a, b)``, fitted by the
+    method of moments on the group means: with ``mu`` and ``var`` their mean and (unbiased, n-1)
+    variance, ``k = mu (1 - mu) / var - 1``, ``a = k mu``, ``b = k (1 - mu)``. The variance-minimising
+    normaliser is then ``alpha = 1 + a/3``, ``beta = 1 + b/3``; both are clamped to >= 1, exactly as
+    the authors' implementation (changyi7231/BNPO, ``recipe/bnpo/src/bnpo_ray_trainer.py``,
+    ``compute_bnpo_outcome_advantage``) does.
+
+    Returns ``None`` when the batch cannot fit a Beta: fewer than 2 groups, or all success rates
+    equal (variance 0; the reference code would divide by zero there).
+    """
+    p = group_means.double().flatten()
+    if p.numel() < 2:
+        return None
+    mu, var = float(p.mean()), float(p.var(unbiased=True))
+    if not (math.isfinite(var) and var > 0.0):
+        return None
+    k = mu * (1.0 - mu) / var - 1.0
+    a, b = k * mu, k * (1.0 - mu)
+    return {"alpha": max(1.0 + a / 3.0, 1.0), "beta": max(1.0 + b / 3.0, 1.0),
+            "a": a, "b": b, "mean": mu, "var": var}
+
+
+def bnpo_advantages(rewards: Tensor, group_size: int, alpha: float, beta: float,
+                    max_weight: float = BNPO_MAX_WEIGHT) -> Tensor:
+    """BNPO outcome advantages (Xiao et al. 2025, arXiv:2506.02864, Sec. 3):
+    ``A_i = (r_i - p) / f_N(p; alpha, beta)`` with ``p`` the group's mean reward (the Monte Carlo
+    estimate of the prompt's success probability) and ``f_N`` the Beta density
+    ``p^(alpha-1) (1-p)^(beta-1) / B(alpha, beta)``. ``1 / f_N`` is capped at ``max_weight``
+    (reference implementation). ``alpha = beta = 1`` is REINFORCE with the group-mean baseline;
+    ``alpha = beta = 3/2`` is GRPO up to the constant ``pi / 8`` (``f_N = 8/pi * sqrt(p (1-p))``).
+
+    Shapes: ``rewards [B] -> [B]``; rewards must lie in [0, 1].
+    """
+    groups = _groups(rewards.float(), group_size).double()
+    p = groups.mean(dim=1, keepdim=True)
+    log_beta_fn = math.lgamma(alpha) + math.lgamma(beta) - math.lgamma(alpha + beta)
+    am1 = torch.tensor(alpha - 1.0, dtype=p.dtype, device=p.device)
+    bm1 = torch.tensor(beta - 1.0, dtype=p.dtype, device=p.device)
+    log_density = torch.xlogy(am1, p) + torch.xlogy(bm1, 1.0 - p) - log_beta_fn  # xlogy(0, 0) = 0
+    weight = torch.exp(-log_density).clamp(max=max_weight)  # density 0 (p at an edge) -> weight = cap
+    return ((groups - p) * weight).reshape(-1).float()
+
+
+def last_token_rewards(rewards: Tensor, mask: Tensor) -> Tensor:
+    """Place each completion's outcome reward on its last valid token.
+
+    Shapes: ``rewards [B], mask [B, T] -> [B, T]`` (0 elsewhere; a row without valid tokens gets none).
+    """
+    valid = mask > 0
+    T = mask.shape[1]
+    positions = torch.arange(T, device=mask.device).expand_as(valid)
+    last = torch.where(valid, positions, torch.full_like(positions, -1)).max(dim=1).values
+    out = torch.zeros(valid.shape, dtype=torch.float32, device=mask.device)
+    rows = torch.nonzero(last >= 0).flatten()
+    out[rows, last[rows]] = rewards.to(mask.device).float()[rows]
+    return out
+
+
+def discounted_returns(token_rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """``G_t = sum_{s >= t} gamma^(s - t) r_s`` over the valid tokens of each row (REINFORCE++,
+    arXiv:2501.03262 eq. 8 with a discount). Masked positions are skipped (no reward, no discount
+    step) and get return 0.
+
+    Shapes: ``token_rewards, mask [B, T] -> [B, T]``.
+    """
+    valid = mask > 0
+    r = token_rewards.float()
+    running = torch.zeros(r.shape[0], dtype=torch.float32, device=r.device)
+    out = torch.zeros_like(r)
+    for t in reversed(range(r.shape[1])):
+        v = valid[:, t]
+        running = torch.where(v, r[:, t] + gamma * running, running)
+        out[:, t] = torch.where(v, running, torch.zeros_like(running))
+    return out
+
+
+def masked_whiten(x: Tensor, mask: Tensor, eps: float, shift_mean: bool = True) -> Tensor:
+    """``(x - mean) / (std + eps)`` with mean and population std over the valid tokens of the
+    whole batch (``shift_mean=False``: ``x / (std + eps)``). 0 where ``mask == 0``.
+
+    Shapes: ``x, mask [B, T] -> [B, T]``.
+    """
+    valid = mask > 0
+    if not bool(valid.any()):
+        return torch.zeros_like(x, dtype=torch.float32)
+    xs = x.float()[valid]
+    mean = xs.mean()
+    scale = float(xs.std(unbiased=False)) + eps
+    if scale == 0.0:  # all valid values equal and eps = 0: centred values are 0, avoid 0/0
+        scale = 1.0
+    out = ((x.float() - mean) if shift_mean else x.float()) / scale
+    return torch.where(valid, out, torch.zeros_like(out))
+
+
+def gae_advantages_and_returns(token_rewards: Tensor, values: Tensor, mask: Tensor,
+                               gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalized Advantage Estimation (Schulman et al. 2016, arXiv:1506.02438, eq. 16):
+    ``delta_t = r_t + gamma V_{t+1} - V_t``, ``A_t = sum_{l >= 0} (gamma lam)^l delta_{t+l}``,
+    with ``V = 0`` after the last valid token (the episode ends there). ``returns = A + V``
+    (the critic's regression target, TD(lambda) return).
+
+    ``token_rewards`` is the full per-token reward (outcome already on the last token).
+    Masked positions are skipped: ``V_{t+1}`` is the value of the next *valid* token, as in verl's
+    ``compute_gae_advantage_return``. Advantages and returns are 0 where ``mask == 0``. No whitening.
+
+    Shapes: ``token_rewards, values, mask [B, T] -> (advantages [B, T], returns [B, T])``.
+    """
+    if values.shape != token_rewards.shape or mask.shape != token_rewards.shape:
+        raise ValueError(f"gae: token_rewards {tuple(token_rewards.shape)}, values {tuple(values.shape)} and "
+                         f"mask {tuple(mask.shape)} must have the same shape [B, T]")
+    valid = mask > 0
+    r, v_all = token_rewards.float(), values.float()
+    zero = torch.zeros(r.shape[0], dtype=torch.float32, device=r.device)
+    next_value, running = zero, zero
+    adv = torch.zeros_like(r)
+    for t in reversed(range(r.shape[1])):
+        v = valid[:, t]
+        delta = r[:, t] + gamma * next_value - v_all[:, t]
+        a_t = delta + gamma * lam * running
+        running = torch.where(v, a_t, running)
+        next_value = torch.where(v, v_all[:, t], next_value)
+        adv[:, t] = torch.where(v, a_t, zero)
+    returns = torch.where(valid, adv + v_all, torch.zeros_like(adv))
+    return adv, returns
+
+
+# --------------------------------------------------------------------------------------------- #
+# Registered estimators: the uniform signature
+# --------------------------------------------------------------------------------------------- #
+
+
+def _prepare(name: str, rewards: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Check shapes; return rewards as float32 on the mask's device and the bool valid-token mask."""
+    if rewards.dim() != 1:
+        raise ValueError(f"{name}: rewards must have shape [B], got {tuple(rewards.shape)}")
+    if mask.dim() != 2 or mask.shape[0] != rewards.shape[0]:
+        raise ValueError(f"{name}: mask must have shape [B, T] with B = {rewards.shape[0]}, got {tuple(mask.shape)}")
+    return rewards.to(mask.device).float(), mask > 0
+
+
+def _check_token_tensor(name: str, what: str, x: Tensor, mask: Tensor) -> Tensor:
+    if x.shape != mask.shape:
+        raise ValueError(f"{name}: {what} must have the mask's shape {tuple(mask.shape)}, got {tuple(x.shape)}")
+    return x.to(mask.device).float()
+
+
+def _sequence_rewards(name: str, rewards: Tensor, valid: Tensor, token_rewards: Tensor | None) -> Tensor:
+    """Outcome reward, plus the sum of the valid per-token reward terms when given (KL-shaped)."""
+    if token_rewards is None:
+        return rewards
+    tr = _check_token_tensor(name, "token_rewards", token_rewards, valid)
+    return rewards + torch.where(valid, tr, torch.zeros_like(tr)).sum(dim=1)
+
+
+def _per_token_rewards(name: str, rewards: Tensor, mask: Tensor, token_rewards: Tensor | None) -> Tensor:
+    """``token_rewards`` on valid tokens (0 if None) + the outcome reward on the last valid token."""
+    out = last_token_rewards(rewards, mask)
+    if token_rewards is not None:
+        tr = _check_token_tensor(name, "token_rewards", token_rewards, mask)
+        out = out + torch.where(mask > 0, tr, torch.zeros_like(tr))
+    return out
+
+
+def _broadcast(adv: Tensor, valid: Tensor) -> Tensor:
+    """One advantage per sequence ``[B]`` -> ``[B, T]``, exactly 0 on masked positions."""
+    full = adv.float()[:, None].expand(valid.shape)
+    return torch.where(valid, full, torch.zeros_like(full))
+
+
+@register_advantage("grpo")
+def grpo(rewards: Tensor, mask: Tensor, group_size: int, cfg: AlgoConfig, *,
+         token_rewards: Tensor | None = None, values: Tensor | None = None,
+         baseline_rewards: Tensor | None = None, state: dict[str, Any] | None = None) -> Tensor:
+    """GRPO (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300, Sec. 4.1.2, outcome supervision):
+    ``(r_i - mean_g) / (std_g + adv_eps)`` broadcast over the completion's tokens; the std scope is
+    ``cfg.adv_std_scope`` (group | batch | none). See :func:`grpo_advantages`."""
+    r, valid = _prepare("grpo", rewards, mask)
+    r = _sequence_rewards("grpo", r, valid, token_rewards)
+    return _broadcast(grpo_advantages(r, group_size, cfg.adv_eps, cfg.adv_std_scope), valid)
+
+
+@register_advantage("dr_grpo")
+def dr_grpo(rewards: Tensor, mask: Tensor, group_size: int, cfg: AlgoConfig, *,
+            token_rewards: Tensor | None = None, values: Tensor | None = None,
+            baseline_rewards: Tensor | None = None, state: dict[str, Any] | None = None) -> Tensor:
+    """Dr. GRPO (Liu et al. 2025, arXiv:2503.20783, Sec. 3.1): ``r_i - mean_g``, no std division,
+    broadcast over tokens. (The paper's other fix, no per-sequence length normalisation, is the
+    loss aggregation's job.) See :func:`dr_grpo_advantages`."""
+    r, valid = _prepare("dr_grpo", rewards, mask)
+    r = _sequence_rewards("dr_grpo", r, valid, token_rewards)
+    return _broadcast(dr_grpo_advantages(r, group_size), valid)
+
+
+@register_advantage("rloo")
+def rloo(rewards: Tensor, mask: Tensor, group_size: int, cfg: AlgoConfig, *,
+         token_rewards: Tensor | None = None, values: Tensor | None = None,
+         baseline_rewards: Tensor | None = None, state: dict[str, Any] | None = None) -> Tensor:
+    """RLOO (Ahmadian et al. 2024, arXiv:2402.14740, Sec. 3; Kool et al. 2019):
+    ``r_i - mean of the other n-1 rewards of the group``, broadcast over tokens.
+    Needs ``group_size >= 2``. See :func:`rloo_advantages`."""
+    r, valid = _prepare("rloo", rewards, mask)
+    r = _sequence_rewards("rloo", r, valid, token_rewards)
+    return _broadcast(rloo_advantages(r, group_size), valid)
+
+
+@register_advantage("reinforce_pp")
+def reinforce_pp(rewards: Tensor, mask: Tensor, group_size: int, cfg: AlgoConfig, *,
+                 token_rewards: Tensor | None = None, values: Tensor | None = None,
+                 baseline_rewards: Tensor | None = None, state: dict[str, Any] | None = None) -> Tensor:
+    """REINFORCE++ (Hu 2025, arXiv:2501.03262, eqs. 8-10; OpenRLHF ``advantage_estimator=reinforce``).
+
+    Per-token reward ``r_t = token_rewards_t`` (the KL penalty ``-beta KL_t``; 0 if None) plus the
+    outcome reward on the last valid token; return ``G_t = sum_{s>=t} gamma^(s-t) r_s``
+    (``cfg.gamma``; the paper's eq. 8 is the gamma = 1 case); then global normalisation over all
+    valid tokens of the batch: ``(G - mean) / (std + adv_eps)`` (eq. 10). ``group_size`` is not used.
+    """
+    r, valid = _prepare("reinforce_pp", rewards, mask)
+    per_token = _per_token_rewards("reinforce_pp", r, mask, token_rewards)
+    returns = discounted_returns(per_token, mask, cfg.gamma)
+    return masked_whiten(returns, mask, cfg.adv_eps)
+
+
+@register_advantage("reinforce_pp_baseline")
+def reinforce_pp_baseline(rewards: Tensor, mask: Tensor, group_size: int, cfg: AlgoConfig, *,
+                          token_rewards: Tensor | None = None, values: Tensor | None = None,
+                          baseline_rewards: Tensor | None = None, state: dict[str, Any] | None = None) -> Tensor:
+    """REINFORCE++ w/ baseline (Hu 2025, arXiv:2501.03262, Sec. "REINFORCE++ w/ Baseline";
+    OpenRLHF ``advantage_estimator=reinforce_baseline``).
+
+    1. outcome reward minus its group mean, ``r_i - mean_g r`` (outcome rewards only);
+    2. the same token-level return as ``reinforce_pp`` (``token_rewards`` + the centred outcome on
+       the last valid token, discount ``cfg.gamma``);
+    3. global normalisation over the valid tokens of the batch, ``(G - mean) / (std + adv_eps)``.
+
+    Step 3 subtracts the batch mean *again*, as the reference implementations do: OpenRLHF
+    ``openrlhf/trainer/ppo_utils/experience_maker.py`` (``compute_advantages_and_returns``: mean and
+    population std over all action tokens, for gae / reinforce / reinforce_baseline) and verl
+    ``core_algos.compute_reinforce_plus_plus_baseline_outcome_advantage`` (``masked_whiten``, which
+    shifts the mean). The batch token-mean is not 0 after step 1 because completions differ in
+    length and the KL terms shift it. (ms-swift's documentation instead divides by the std only.)
+    OpenRLHF forces gamma = 1 for this variant; here ``cfg.gamma`` (default 1.0) applies.
+    Needs ``group_size >= 2``.
+    """
+    r, valid = _prepare("reinforce_pp_baseline", rewards, mask)
+    if group_size < 2:
+        raise ValueError("reinforce_pp_baseline needs a group of at least 2 completions per prompt "
+                         f"(rollout.n >= 2), got {group_size}; use reinforce_pp for one completion per prompt")
+    centered = dr_grpo_advantages(r, group_size)
+    per_token = _per_token_rewards("reinforce_pp_baseline", centered, mask, token_rewards)
+    returns = discounted_returns(per_token, mask, cfg.gamma)
+    return masked_whiten(returns, mask, cfg.adv_eps)
+
+
+@register_advantage("remax")
+def remax(rewards: Tensor, mask: Tensor, group_size: int, cfg: AlgoConfig, *,
+          token_rewards: Tensor | None = None, values: Tensor | None = None,
+          baseline_rewards: Tensor | None = None, state: dict[str, Any] | None = None) -> Tensor:
+    """ReMax (Li et al. 2023, arXiv:2310.10505, Algorithm 1): ``r_i - r(greedy completion)``,
+    broadcast over tokens. ``baseline_rewards [B]`` holds, for every completion, the reward of the
+    greedy completion of its prompt. See :func:`remax_advantages`."""
+    r, valid = _prepare("remax", rewards, mask)
+    if baseline_rewards is None:
+        raise ValueError("remax needs baseline_rewards: the reward of one greedy (temperature 0) completion per "
+                         "prompt, repeated over the prompt's group; the trainer must generate and score it")
+    r = _sequence_rewards("remax", r, valid, token_rewards)
+    return _broadcast(remax_advantages(r, baseline_rewards.to(r.device)), valid)
+
+
+remax.requires = ("baseline_rewards",)
+
+
+@register_advantage("bnpo")
+def bnpo(rewards: Tensor, mask: Tensor, group_size: int, cfg: AlgoConfig, *,
+         token_rewards: Tensor | None = None, values: Tensor | None = None,
+         baseline_rewards: Tensor | None = None, state: dict[str, Any] | None = None) -> Tensor:
+    """BNPO, Beta Normalization Policy Optimization (Xiao et al. 2025, arXiv:2506.02864, Sec. 3):
+    ``A_i = (r_i - p_g) / f_Beta(p_g; alpha, beta)``, broadcast over tokens, with ``p_g`` the group's
+    mean reward and ``alpha = 1 + a/3, beta = 1 + b/3`` from a method-of-moments Beta(a, b) fit of
+    the batch's success rates (:func:`bnpo_beta_params`, :func:`bnpo_advantages`).
+
+    As in the paper and the authors' code, (alpha, beta) are re-estimated from every batch. The
+    estimate is kept in ``state["bnpo"]`` (plain floats, checkpointed by the trainer): a batch that
+    cannot fit a Beta (one group, or every group with the same success rate) reuses the last
+    estimate, so a resumed run continues with the same normaliser; before any estimate it is
+    alpha = beta = 1 (REINFORCE with the group-mean baseline, which is also what the reference
+    code falls back to for a single group).
+
+    Rewards: the paper's setting is binary {0, 1}. Rewards in [0, 1] are used as they are (the
+    group mean is still a success rate in [0, 1]; the reference code likewise maps rewards to
+    [0, 1] and asserts it); rewards outside [0, 1] raise ``ValueError`` (rescale them with the
+    reward weights). ``token_rewards`` (KL in the reward) are refused for the same reason.
+    Needs ``group_size >= 2``.
+    """
+    r, valid = _prepare("bnpo", rewards, mask)
+    if token_rewards is not None:
+        raise ValueError("bnpo normalises success rates in [0, 1] and cannot take per-token rewards: "
+                         "put the KL penalty in the loss (algo.kl_in_reward=false)")
+    if group_size < 2:
+        raise ValueError(f"bnpo needs a group of at least 2 completions per prompt (rollout.n >= 2), got {group_size}")
+    if r.numel() and (float(r.min()) < 0.0 or float(r.max()) > 1.0):
+        raise ValueError(f"bnpo needs rewards in [0, 1] (binary in the paper); got min {float(r.min()):g}, "
+                         f"max {float(r.max()):g}. Rescale the rewards (rewards[].weight) or use another estimator")
+    st = (state if state is not None else {}).setdefault(
+        "bnpo", {"alpha": 1.0, "beta": 1.0, "estimates": 0, "fallbacks": 0})
+    fit = bnpo_beta_params(_groups(r, group_size).mean(dim=1))
+    if fit is None:
+        st["fallbacks"] = int(st.get("fallbacks", 0)) + 1
+    else:
+        st.update(fit)
+        st["estimates"] = int(st.get("estimates", 0)) + 1
+    return _broadcast(bnpo_advantages(r, group_size, float(st["alpha"]), float(st["beta"])), valid)
+
+
+@register_advantage("gae")
+def gae(rewards: Tensor, mask: Tensor, group_size: int, cfg: AlgoConfig, *,
+        token_rewards: Tensor | None = None, values: Tensor | None = None,
+        baseline_rewards: Tensor | None = None, state: dict[str, Any] | None = None) -> Tensor:
+    """GAE (Schulman et al. 2016, arXiv:1506.02438, eq. 16), as PPO-RLHF uses it: per-token reward
+    ``token_rewards`` (0 if None) + the outcome reward on the last valid token,
+    ``delta_t = r_t + gamma V_{t+1} - V_t`` (V = 0 after the last valid token),
+    ``A_t = sum_l (gamma lam)^l delta_{t+l}`` with ``cfg.gamma``, ``cfg.lam``; whitened over the
+    valid tokens of the batch when ``cfg.adv_whiten``. The critic's targets (``A + V`` before
+    whitening) come from :func:`gae_advantages_and_returns`."""
+    if values is None:
+        raise ValueError("gae needs values: per-token critic values V [B, T] (a value model / value head); "
+                         "without a critic choose a critic-free estimator (grpo, rloo, reinforce_pp, ...)")
+    r, valid = _prepare("gae", rewards, mask)
+    per_token = _per_token_rewards("gae", r, mask, token_rewards)
+    adv, _ = gae_advantages_and_returns(per_token, _check_token_tensor("gae", "values", values, mask), mask,
+                                        cfg.gamma, cfg.lam)
+    return masked_whiten(adv, mask, cfg.adv_eps) if cfg.adv_whiten else adv
+
+
+gae.requires = ("values",)
+
+for _fn in (grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline, bnpo):
+    _fn.requires = ()

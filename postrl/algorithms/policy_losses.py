@@ -1,28 +1,68 @@
 """Policy losses: per-token loss terms, to be aggregated by ``aggregation``.
 
-=============  ================================================================  ======================
-name           per-token loss, ratio rho = exp(logp - logp_old)                 paper
-=============  ================================================================  ======================
-``ppo_clip``   -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A)          PPO (Schulman et al.
-                                                                                2017) eq. 7; GRPO
-                                                                                (DeepSeekMath eq. 3);
-                                                                                asymmetric bounds:
-                                                                                DAPO "clip-higher"
-=============  ================================================================  ======================
+``rho_t = exp(logp_t - logp_old_t)`` is the token ratio against the policy that produced the batch,
+``s_i = exp(mean_t (logp_t - logp_old_t))`` the length-normalised sequence ratio of completion i,
+``sg`` a stop-gradient (``.detach()``).
 
-GRPO as postrl runs it by default = ``advantage: grpo`` + ``policy_loss: ppo_clip``
-+ ``loss_agg: token_mean`` (+ optional ``kl_coef`` with the k3 estimator). Note the
-aggregation: DeepSeekMath eq. 3 averages each completion's tokens (1/|o_i|) and
-then the group; ``token_mean`` is the token-level average that DAPO (eq. 12) and
-most GRPO implementations use. The per-sequence variants come with the
-algorithm library.
+=============  ==================================================================  =============================
+name           per-token loss (minimised)                                          paper
+=============  ==================================================================  =============================
+``ppo_clip``   ``-min(rho A, clip(rho, 1-eps_low, 1+eps_high) A)``;                PPO (arXiv:1707.06347) eq. 7;
+               with ``dual_clip_c = c > 1`` and ``A < 0``: ``min(that, -c A)``     clip-higher: DAPO
+                                                                                   (arXiv:2503.14476) eq. 10;
+                                                                                   dual-clip: Ye et al.
+                                                                                   (arXiv:1912.09729)
+``gspo``       ``-min(s_it A, clip(s_it, 1-eps_low, 1+eps_high) A)`` with          GSPO (arXiv:2507.18071)
+               ``s_it = sg(s_i) * pi_t / sg(pi_t)`` (value ``s_i``)                eqs. 5-7, GSPO-token (Sec. 4.3)
+``cispo``      ``-sg(clip(rho, 1-eps_low, 1+eps_high)) A logp``                    MiniMax-M1 (arXiv:2506.13585)
+                                                                                   eqs. 4-5
+``reinforce``  ``-A logp``                                                         Williams (1992); RLOO
+                                                                                   (arXiv:2402.14740)
+=============  ==================================================================  =============================
 
-Every loss returns ``(loss_tokens [B, T], stats)`` where ``stats`` holds
-per-token diagnostics (e.g. ``clipped`` as float 0/1) for logging.
+How published methods map onto ``algo.advantage`` + ``algo.policy_loss`` + ``algo.loss_agg``:
 
-A loss whose value and gradient are exactly 0 wherever the advantage is 0
-sets ``fn.zero_at_zero_advantage = True``; the trainer then skips the
-forward/backward of such sequences (same gradient, less compute).
+* **GRPO** (DeepSeekMath, arXiv:2402.03300, eq. 3) = ``advantage: grpo`` + ``policy_loss: ppo_clip``
+  (symmetric eps 0.2) + ``loss_agg: seq_mean_token_mean`` (the paper's ``1/G sum_i 1/|o_i| sum_t``),
+  plus ``kl_coef > 0`` with the k3 estimator. postrl's default ``loss_agg: token_mean`` is the
+  token-level average that DAPO argues for and most GRPO implementations use.
+* **DAPO** (arXiv:2503.14476) = ``advantage: grpo`` + ``policy_loss: ppo_clip`` with
+  ``clip_eps_low: 0.2, clip_eps_high: 0.28`` (clip-higher, eq. 10) + ``loss_agg: token_mean``
+  (eq. 12) + ``kl_coef: 0`` + ``dynamic_sampling``, ``overlong_buffer`` / ``overlong_filter``
+  (see ``shaping``).
+* **Dr. GRPO** (arXiv:2503.20783) = ``advantage: dr_grpo`` (no std division) + ``ppo_clip`` +
+  ``loss_agg: seq_mean_token_sum_norm`` (divide by a constant generation budget).
+* **GSPO** (arXiv:2507.18071) = ``advantage: grpo`` + ``policy_loss: gspo`` + ``loss_agg:
+  seq_mean_token_mean`` (reproduces eq. 5's ``1/G sum_i``), with tiny clip ranges such as
+  ``clip_eps_low: 3e-4, clip_eps_high: 4e-4``.
+* **CISPO** (MiniMax-M1, arXiv:2506.13585) = ``advantage: grpo`` + ``policy_loss: cispo`` +
+  ``loss_agg: token_mean`` (eq. 4's ``1/sum_i |o_i|``); the paper bounds the weight from above
+  only: set ``clip_eps_low >= 1`` (``1 - eps_low <= 0`` never binds).
+* **REINFORCE / RLOO** (arXiv:2402.14740) = ``advantage: rloo`` (or any estimator) +
+  ``policy_loss: reinforce``: the plain on-policy gradient, no ratio, so it is only correct with
+  one optimizer update per rollout batch (``train.epochs: 1`` and mini batch = rollout batch).
+  REINFORCE++ (arXiv:2501.03262) keeps the PPO clip: ``advantage: reinforce_pp`` + ``ppo_clip``.
+
+Signature shared by every loss (pure function, AReaL style)::
+
+    fn(logprobs [B, T],      # current policy log-probs of the sampled tokens (differentiable)
+       old_logprobs [B, T],  # log-probs of the policy that produced the batch ("old" / proximal)
+       advantages [B, T],    # token-level advantages, 0 at padding ([B] is broadcast over tokens)
+       mask [B, T],          # float, 1 on completion tokens
+       cfg: AlgoConfig,      # clip_eps_low, clip_eps_high, dual_clip_c, ...
+    ) -> (loss_tokens [B, T], stats)
+
+``loss_tokens`` is not masked: the aggregation (``algo.loss_agg``) applies the mask.
+``stats`` maps names to per-token float tensors ``[B, T]`` (0 at padding); every loss returns
+at least ``clipped`` (1 where the loss's clip was active) so the trainer can log a clip fraction.
+
+A loss whose value and gradient are exactly 0 wherever the advantage is 0 sets
+``fn.zero_at_zero_advantage = True``; the trainer then skips the forward/backward of sequences
+whose advantages are all 0 (same gradient, less compute). All four losses here qualify.
+
+Truncated importance sampling against the *behaviour* policy (the rollout engine, whose
+log-probs can differ from the trainer's even at equal weights) is separate and composes with any
+loss: :func:`tis_weights` gives per-token weights the trainer multiplies ``loss_tokens`` by.
 """
 
 from __future__ import annotations
@@ -32,33 +72,220 @@ from torch import Tensor
 
 from .registry import register_policy_loss
 
+LOG_RATIO_CLAMP = 20.0
+"""|log ratio| is clamped to this before exp(), so a badly diverged token cannot overflow."""
+
+TIS_MODES = ("off", "clamp", "mask")
+
+
+def _token_advantages(advantages: Tensor, like: Tensor) -> Tensor:
+    """``[B]`` (one per sequence) -> ``[B, 1]`` (broadcasts over tokens); ``[B, T]`` as is."""
+    if advantages.dim() == 1:
+        return advantages[:, None]
+    if advantages.shape != like.shape:
+        raise ValueError(f"advantages {tuple(advantages.shape)} must be [B] or [B, T] = {tuple(like.shape)}")
+    return advantages
+
+
+def _ratio(logprobs: Tensor, old_logprobs: Tensor) -> Tensor:
+    return torch.exp((logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+
 
 @register_policy_loss("ppo_clip")
 def ppo_clip_loss(
-    logprobs: Tensor,
-    old_logprobs: Tensor,
-    advantages: Tensor,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cfg
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped surrogate, PPO (arXiv:1707.06347) eq. 7, as a loss to minimise.
+    """Clipped surrogate, PPO (Schulman et al. 2017, arXiv:1707.06347) eq. 7, as a loss.
 
-    ``loss_t = -min(rho_t * A, clip(rho_t, 1 - eps_low, 1 + eps_high) * A)``
-    with ``rho_t = exp(logprobs_t - old_logprobs_t)``. ``advantages`` is
-    ``[B]`` (one per sequence, broadcast over tokens) or ``[B, T]``.
-    ``stats["clipped"]`` is 1 where the clipped term was the active one
-    (the gradient through that token is zero).
+    ``loss_t = -min(rho_t A_t, clip(rho_t, 1 - eps_low, 1 + eps_high) A_t)``,
+    ``rho_t = exp(logprobs_t - old_logprobs_t)``, with ``eps_low = cfg.clip_eps_low`` and
+    ``eps_high = cfg.clip_eps_high`` (decoupled bounds: DAPO "clip-higher", arXiv:2503.14476
+    eq. 10, uses 0.2 / 0.28).
 
-    Shapes: ``logprobs, old_logprobs [B, T]``; returns ``[B, T]``.
+    Dual clip (Ye et al. 2020, "Mastering Complex Control in MOBA Games with Deep RL",
+    arXiv:1912.09729, "dual-clip PPO"), on when ``cfg.dual_clip_c = c > 1``: for ``A_t < 0`` the objective
+    is ``max(min(rho A, clip(rho) A), c A)``, i.e. the loss is bounded from above,
+    ``loss_t = min(ppo_loss_t, -c A_t) = min(ppo_loss_t, c |A_t|)``. Without it a token whose
+    ratio has grown far above 1 while its advantage is negative gets a loss ``|A| rho`` and a
+    gradient that grow without bound; with it such tokens (``rho > c``) contribute the constant
+    ``c |A|`` and no gradient. Positive-advantage tokens are unchanged.
+
+    Stats (float 0/1 per token, 0 at padding): ``clipped`` (the clipped PPO term is the active
+    one: gradient 0), split into ``clipped_high`` (``A > 0``, ``rho > 1 + eps_high``) and
+    ``clipped_low`` (``A < 0``, ``rho < 1 - eps_low``); ``dual_clipped`` (``A < 0``,
+    ``rho > c``: gradient 0); and ``ratio``.
     """
-    if advantages.dim() == 1:
-        advantages = advantages[:, None]
-    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)
-    ratio = torch.exp(log_ratio)
-    unclipped = ratio * advantages
-    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages
-    loss = -torch.minimum(unclipped, clipped)
-    return loss, {"clipped": (clipped < unclipped).float(), "ratio": ratio.detach()}
+    adv = _token_advantages(advantages, logprobs)
+    ratio = _ratio(logprobs, old_logprobs)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high)
+    loss = torch.maximum(unclipped, clipped)  # = -min(rho A, clip(rho) A)
+    m = mask.to(logprobs.dtype)
+    is_clipped = clipped > unclipped
+    stats = {
+        "clipped": is_clipped.to(m.dtype) * m,
+        "clipped_high": (is_clipped & (adv > 0)).to(m.dtype) * m,
+        "clipped_low": (is_clipped & (adv < 0)).to(m.dtype) * m,
+        "ratio": ratio.detach() * m,
+    }
+    c = float(getattr(cfg, "dual_clip_c", 0.0) or 0.0)
+    if c > 1.0:
+        bound = -c * adv  # = c |A| > 0 where A < 0; constant, so no gradient
+        dual = (adv < 0) & (loss > bound)
+        loss = torch.where(dual, bound, loss)
+        stats["dual_clipped"] = dual.to(m.dtype) * m
+    else:
+        stats["dual_clipped"] = torch.zeros_like(m)
+    return loss, stats
 
 
-ppo_clip_loss.zero_at_zero_advantage = True  # -min(r * 0, clip(r) * 0) == 0 for every r
+# -max(-r*0, -clip(r)*0) == 0 for every finite r; the dual bound -c*0 == 0 too; the gradient is r*A == 0.
+ppo_clip_loss.zero_at_zero_advantage = True
+
+
+@register_policy_loss("gspo")
+def gspo_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cfg
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Group Sequence Policy Optimization, Zheng et al. 2025 (arXiv:2507.18071), eqs. 5-7, in its
+    GSPO-token form (Sec. 4.3).
+
+    Sequence ratio (eq. 7), the geometric mean of the token ratios over the valid tokens:
+    ``s_i = (pi(y_i|x) / pi_old(y_i|x))^(1/|y_i|) = exp(1/|y_i| sum_t mask_t (logp_t - logp_old_t))``.
+    Eq. 5 maximises ``1/G sum_i min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i)``: clipping
+    acts on whole sequences. Here every token t of completion i carries
+
+        ``loss_t = -min(s_it A_t, clip(s_it, 1 - eps_low, 1 + eps_high) A_t)``,
+        ``s_it = sg[s_i] * pi_t / sg[pi_t] = exp(sg[log s_i] + logp_t - sg[logp_t])``,
+
+    whose value is ``s_i`` and whose gradient w.r.t. ``logp_t`` is ``s_i`` (GSPO-token). With
+    ``loss_agg: seq_mean_token_mean`` and a sequence-level advantage (``A_t = A_i``) the loss is
+    ``-1/G sum_i min(s_i A_i, clip(s_i) A_i)`` and its gradient is the paper's (eq. 10)
+    ``-1/G sum_i s_i A_i 1/|y_i| sum_t grad logp_t`` on unclipped sequences, 0 on clipped ones.
+    Token-level advantages give GSPO-token proper. Other aggregations reweight the sequences
+    (``token_mean`` by their length).
+
+    ``eps_low = cfg.clip_eps_low``, ``eps_high = cfg.clip_eps_high`` bound a *per-token average*
+    log-ratio, so they must be far smaller than PPO's: the paper uses 3e-4 and 4e-4. With the PPO
+    defaults (0.2) almost nothing is ever clipped.
+
+    Stats: ``clipped`` (1 on every token of a clipped sequence), ``ratio`` (``s_i`` broadcast).
+    """
+    adv = _token_advantages(advantages, logprobs)
+    m = mask.to(logprobs.dtype)
+    lengths = m.sum(-1).clamp(min=1.0)
+    token_log_ratio = torch.where(m > 0, logprobs.detach() - old_logprobs, torch.zeros_like(m))  # padding ignored
+    seq_log_ratio = token_log_ratio.sum(-1) / lengths  # log s_i, [B]
+    seq_log_ratio = seq_log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    s_tok = torch.exp(logprobs - logprobs.detach() + seq_log_ratio[:, None])  # value s_i, d/dlogp_t = s_i
+    unclipped = -adv * s_tok
+    clipped = -adv * s_tok.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high)
+    loss = torch.maximum(unclipped, clipped)
+    stats = {"clipped": (clipped > unclipped).to(m.dtype) * m, "ratio": s_tok.detach() * m}
+    return loss, stats
+
+
+# s_it depends on logp_t alone (the sequence part is detached), so A_t == 0 zeroes token t's value and gradient.
+gspo_loss.zero_at_zero_advantage = True
+
+
+@register_policy_loss("cispo")
+def cispo_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cfg
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """CISPO, MiniMax-M1 (arXiv:2506.13585) Sec. 3.1, eqs. 4-5: clip the importance-sampling
+    weight, not the update.
+
+    ``loss_t = -sg(clip(rho_t, 1 - eps_low, 1 + eps_high)) * A_t * logp_t``, so
+    ``d loss_t / d logp_t = -w_t A_t`` with ``w_t`` the clipped, detached ratio: every token keeps
+    a gradient (PPO's clip zeroes the gradient of clipped tokens), only its weight is bounded.
+    The loss *value* is not a surrogate of the return (it contains ``logp``); only its gradient is
+    meaningful.
+
+    Config mapping: ``eps_low = cfg.clip_eps_low``, ``eps_high = cfg.clip_eps_high``. The paper
+    imposes no lower bound (it sets ``eps_low^IS`` large) and tunes only ``eps_high^IS``; to
+    reproduce that set ``clip_eps_low >= 1`` (``1 - eps_low <= 0 < rho`` never binds). With the
+    PPO defaults (0.2 / 0.2) the weight is clipped on both sides to [0.8, 1.2].
+
+    Stats: ``clipped`` (1 where the weight was truncated; the token still has a gradient),
+    ``ratio``.
+    """
+    adv = _token_advantages(advantages, logprobs)
+    m = mask.to(logprobs.dtype)
+    ratio = _ratio(logprobs, old_logprobs).detach()
+    weight = ratio.clamp(1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high)
+    loss = -weight * adv * logprobs
+    stats = {"clipped": (weight != ratio).to(m.dtype) * m, "ratio": ratio * m}
+    return loss, stats
+
+
+cispo_loss.zero_at_zero_advantage = True  # -w * 0 * logp == 0, gradient -w * 0 == 0
+
+
+@register_policy_loss("reinforce")
+def reinforce_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cfg
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Plain policy gradient (REINFORCE, Williams 1992; with a leave-one-out baseline as advantage:
+    RLOO, Ahmadian et al. 2024, arXiv:2402.14740): ``loss_t = -A_t * logp_t``.
+
+    No importance ratio: ``old_logprobs`` and ``cfg`` are unused, and the gradient is unbiased only
+    on-policy (one optimizer update per rollout batch). Stats: ``clipped`` (always 0), ``ratio``
+    (for monitoring how far off-policy the update went).
+    """
+    adv = _token_advantages(advantages, logprobs)
+    m = mask.to(logprobs.dtype)
+    loss = -adv * logprobs
+    stats = {"clipped": torch.zeros_like(m), "ratio": _ratio(logprobs, old_logprobs).detach() * m}
+    return loss, stats
+
+
+reinforce_loss.zero_at_zero_advantage = True  # -0 * logp == 0, gradient 0
+
+
+@torch.no_grad()
+def tis_weights(
+    old_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor, mode: str, cap: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Truncated importance sampling against the behaviour policy (no gradient).
+
+    The rollout engine samples with ``pi_behaviour`` while the trainer computes ``pi_old`` with its
+    own kernels; even at equal weights they differ, which makes "on-policy" training silently
+    off-policy. Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL
+    Training" (Fengyao's blog; verl's ``tis_imp_ratio_cap``) reweight each token's loss by the
+    truncated ratio. With ``u_t = exp(old_logprobs_t - behaviour_logprobs_t)``:
+
+    * ``clamp``: ``w_t = min(u_t, cap)`` (TIS);
+    * ``mask``:  ``w_t = 1 if u_t <= cap else 0`` (drop tokens the trainer finds far likelier than
+      the sampler did; a 0/1 mask, unlike IcePop / MIS which also keep ``u_t`` as the weight);
+    * ``off``:   ``w_t = 1``.
+
+    The trainer multiplies the per-token loss by ``w`` (``loss_tokens * w``). Padding gets
+    weight 1 (it is masked by the aggregation anyway). Masked tokens stay in the aggregation's
+    denominator (``num_tokens``), i.e. they count as zero-loss tokens.
+
+    Returns ``(w [B, T], stats)``; stats (scalars over the valid tokens): ``ratio_mean``,
+    ``ratio_max`` and ``capped_frac`` (clamp) or ``masked_frac`` (mask): the fraction with
+    ``u_t > cap``; ``{}`` for ``off``.
+    """
+    if mode not in TIS_MODES:
+        raise ValueError(f"tis mode {mode!r} is not valid; choose one of: {', '.join(TIS_MODES)}")
+    if mode == "off":
+        return torch.ones_like(old_logprobs), {}
+    if not cap > 0:
+        raise ValueError(f"tis cap must be > 0, got {cap}")
+    valid = mask > 0
+    log_u = torch.where(valid, old_logprobs - behaviour_logprobs, torch.zeros_like(old_logprobs))
+    u = torch.exp(log_u.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    over = (u > cap) & valid
+    if mode == "clamp":
+        w = u.clamp(max=cap)
+    else:
+        w = (u <= cap).to(u.dtype)
+    n = valid.sum().clamp(min=1)
+    stats = {
+        "ratio_mean": (u * valid).sum() / n,
+        "ratio_max": torch.where(valid, u, torch.zeros_like(u)).max() if u.numel() else u.new_zeros(()),
+        ("capped_frac" if mode == "clamp" else "masked_frac"): over.sum() / n,
+    }
+    return w, stats

@@ -3,7 +3,8 @@
 A new method is one decorated pure function::
 
     @register_advantage("my_adv")
-    def my_adv(rewards: Tensor, group_size: int, **_) -> Tensor: ...
+    def my_adv(rewards, mask, group_size, cfg, **optional_inputs) -> Tensor:  # [B] ... -> [B, T]
+        ...
 """
 
 from __future__ import annotations

@@ -49,6 +49,25 @@ class Generation:
     def lengths(self) -> torch.Tensor:
         return self.completion_mask.sum(-1)
 
+    def select(self, rows: list[int]) -> "Generation":
+        """The sub-batch of the given rows (same width)."""
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        return Generation([self.prompt_ids[i] for i in rows], self.completion_ids[idx], self.completion_mask[idx],
+                          self.logprobs[idx], self.truncated[idx], self.decode_steps, self.entropy[idx])
+
+    @staticmethod
+    def concat(parts: list["Generation"], pad_id: int) -> "Generation":
+        """Stack generations row-wise, right-padding to the widest one."""
+        width = max(p.completion_ids.shape[1] for p in parts)
+
+        def cat(name: str, fill: float) -> torch.Tensor:
+            return torch.cat([torch.nn.functional.pad(getattr(p, name), (0, width - getattr(p, name).shape[1]),
+                                                      value=fill) for p in parts])
+
+        return Generation([ids for p in parts for ids in p.prompt_ids], cat("completion_ids", pad_id),
+                          cat("completion_mask", 0), cat("logprobs", 0.0), torch.cat([p.truncated for p in parts]),
+                          sum(p.decode_steps for p in parts), cat("entropy", 0.0))
+
 
 def left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-pad token lists to ``[B, L]`` ids and attention mask."""
@@ -105,21 +124,11 @@ class Generator:
         device = next(self.model.parameters()).device
         rng = torch.Generator(device=device)
         rng.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
-        parts = [self._generate_chunk(prompts[i:i + chunk], params, rng, device) for i in range(0, len(prompts), chunk)]
-        width = max(p[0].shape[1] for p in parts)
-
-        def cat(idx: int, fill: float) -> torch.Tensor:
-            return torch.cat([torch.nn.functional.pad(p[idx], (0, width - p[idx].shape[1]), value=fill) for p in parts])
-
-        return Generation(
-            prompt_ids=[list(p) for p in prompts],
-            completion_ids=cat(0, self.pad_id),
-            completion_mask=cat(1, 0),
-            logprobs=cat(2, 0.0),
-            truncated=torch.cat([p[3] for p in parts]),
-            decode_steps=sum(p[4] for p in parts),
-            entropy=cat(5, 0.0),
-        )
+        parts = [Generation(prompts[i:i + chunk], *self._generate_chunk(prompts[i:i + chunk], params, rng, device))
+                 for i in range(0, len(prompts), chunk)]
+        out = parts[0] if len(parts) == 1 else Generation.concat(parts, self.pad_id)
+        out.prompt_ids = [list(p) for p in prompts]
+        return out
 
     def _generate_chunk(self, prompts, params: SamplingParams, rng: torch.Generator, device):
         B, T = len(prompts), params.max_new_tokens
@@ -169,4 +178,4 @@ class Generator:
         truncated = ~torch.isin(last_tok, eos)
         width = int(finished_len.max().item())
         return (out_ids[:, :width], out_mask[:, :width], out_lp[:, :width], truncated.cpu(), steps,
-                out_ent[:, :width])
+                out_ent[:, :width])  # the fields of Generation after prompt_ids, in order

@@ -30,14 +30,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from collections import Counter
+
 from postrl.algorithms import ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
+from postrl.algorithms.kl_control import build_kl_controller, kl_penalty_rewards
+from postrl.algorithms.policy_losses import tis_weights
+from postrl.algorithms.shaping import dynamic_sampling_keep, overlong_filter_mask, overlong_penalty
 from postrl.config import Config, ConfigError, save_config
 from postrl.data import PromptSampler, build_messages, build_source, render_prompt
 from postrl.eval import greedy_eval
 from postrl.models.loading import load_model_and_tokenizer
 from postrl.models.logprobs import completion_logprobs
 from postrl.rewards import RewardPipeline, resolve_reward
-from postrl.rollout.generator import Generator, SamplingParams
+from postrl.rollout.generator import Generation, Generator, SamplingParams
 from postrl.trainer.checkpoint import (
     latest_checkpoint,
     load_trainer_state,
@@ -100,7 +105,13 @@ def build_data_source(cfg: Config):
 
 
 def check_registries(cfg: Config) -> None:
-    """Fail before any model is loaded if a method name is unknown."""
+    """Fail before any model is loaded if a method name is unknown or needs what is not built yet."""
+    if cfg.algo.advantage == "gae":
+        raise ConfigError("algo.advantage=gae needs a learned value model (PPO with a critic), which postrl does not "
+                          "have yet; use a critic-free estimator: grpo, dr_grpo, rloo, reinforce_pp, "
+                          "reinforce_pp_baseline, remax or bnpo.")
+    if cfg.algo.kl_in_reward and cfg.algo.kl_coef == 0:
+        raise ConfigError("algo.kl_in_reward=true needs algo.kl_coef > 0 (the KL penalty it puts into the reward).")
     for registry, name in ((ADVANTAGES, cfg.algo.advantage), (POLICY_LOSSES, cfg.algo.policy_loss),
                            (LOSS_AGGREGATIONS, cfg.algo.loss_agg), (KL_ESTIMATORS, cfg.algo.kl_estimator)):
         try:
@@ -120,6 +131,28 @@ def new_run_dir(cfg: Config) -> Path:
         candidate = base.with_name(f"{cfg.run.name}-{i}")
     candidate.mkdir(parents=True, exist_ok=True)
     return candidate
+
+
+_ROW_FIELDS = ("samples", "prompts", "texts", "rewards", "correct", "baseline_rewards")
+
+
+def _select_rows(batch: dict[str, Any], rows: list[int], pad_id: int) -> dict[str, Any]:
+    """The rows of a rollout batch (list fields, per-reward components and the generation)."""
+    out = {k: [batch[k][i] for i in rows] for k in _ROW_FIELDS if k in batch}
+    out["components"] = {name: [v[i] for i in rows] for name, v in batch["components"].items()}
+    out["gen"] = batch["gen"].select(rows)
+    out["errors"] = batch["errors"]  # counted over everything that was sampled
+    return out
+
+
+def _concat_batches(parts: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
+    if len(parts) == 1:
+        return parts[0]
+    out = {k: [x for p in parts for x in p[k]] for k in _ROW_FIELDS if k in parts[0]}
+    out["components"] = {name: [x for p in parts for x in p["components"][name]] for name in parts[0]["components"]}
+    out["gen"] = Generation.concat([p["gen"] for p in parts], pad_id)
+    out["errors"] = sum((Counter(p["errors"]) for p in parts), Counter())
+    return out
 
 
 class _InterruptFlag:
@@ -200,6 +233,8 @@ class RLTrainer:
             self.optimizer, lr_lambda(t.lr_schedule, t.warmup_steps, t.steps))
         self.sampler = PromptSampler(self.source.train, seed=cfg.resolved_data_seed)
         self.state = RunState()
+        self.kl_ctl = build_kl_controller(cfg.algo)  # fixed kl_coef, or adaptive towards algo.kl_target
+        self.algo_state: dict[str, Any] = {}  # estimator state that persists across steps (e.g. BNPO's statistics)
         self._prompt_cache: dict[str, list[int]] = {}
         if ckpt is not None:
             self._load_state(ckpt)
@@ -248,6 +283,8 @@ class RLTrainer:
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
             "rng": rng_state(),
+            "kl_controller": self.kl_ctl.state_dict(),
+            "algo_state": self.algo_state,
         }
 
     def _load_state(self, ckpt: Path) -> None:
@@ -258,6 +295,8 @@ class RLTrainer:
             self.scheduler.load_state_dict(st["scheduler"])
             self.sampler.load_state_dict(st["sampler"])
             set_rng_state(st["rng"])
+            self.kl_ctl.load_state_dict(st["kl_controller"])
+            self.algo_state = st["algo_state"]
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
             # e.g. resuming with other data (sampler size) or another model (optimizer param groups)
             raise TrainingError(
@@ -271,44 +310,109 @@ class RLTrainer:
                                self.trainer_state(), keep=self.cfg.train.keep_checkpoints)
 
     # ----- one step ------------------------------------------------------------------------------------------
-    def rollout(self, step: int) -> dict[str, Any]:
-        """Sample ``n`` completions for each of ``prompts_per_step`` prompts and score them."""
-        cfg = self.cfg
-        samples = self.sampler.next_batch(cfg.train.prompts_per_step)
-        group = [s for s in samples for _ in range(cfg.rollout.n)]
+    def _sample_groups(self, samples: list, seed: int) -> dict[str, Any]:
+        """Generate ``n`` completions per sample, decode and score them (one rollout batch)."""
+        cfg, r = self.cfg, self.cfg.rollout
+        group = [s for s in samples for _ in range(r.n)]
         prompts = [self.render(s) for s in group]
-        r = cfg.rollout
         self.model.eval()
-        gen = self.generator.generate(
-            prompts, SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k),
-            seed=step_seed(cfg.run.seed, step), batch_size=r.batch_size)
-        texts = self.tokenizer.batch_decode(
+        gen = self.generator.generate(prompts, SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k),
+                                      seed=seed, batch_size=r.batch_size)
+        texts = self.decode(gen)
+        res = self.rewards(texts, group)
+        rewards = list(res.total)
+        components = dict(res.components)
+        a = cfg.algo
+        if a.overlong_buffer > 0:  # DAPO overlong reward shaping
+            pen = overlong_penalty(gen.lengths, r.max_new_tokens, a.overlong_buffer, a.overlong_penalty).tolist()
+            rewards = [x + p for x, p in zip(rewards, pen)]
+            components["overlong"] = pen
+        batch = {"samples": group, "prompts": prompts, "gen": gen, "texts": texts, "rewards": rewards,
+                 "components": components, "errors": res.errors,
+                 "correct": [self.source.is_correct(t, s) for t, s in zip(texts, group)]}
+        if a.advantage == "remax":  # ReMax baseline: reward of the greedy completion of each prompt
+            greedy = self.generator.generate([self.render(s) for s in samples],
+                                             SamplingParams(r.max_new_tokens, temperature=0.0), batch_size=r.batch_size)
+            base = self.rewards(self.decode(greedy), samples).total
+            batch["baseline_rewards"] = [b for b in base for _ in range(r.n)]
+        return batch
+
+    def decode(self, gen: Generation) -> list[str]:
+        return self.tokenizer.batch_decode(
             [ids[m.bool()] for ids, m in zip(gen.completion_ids, gen.completion_mask)], skip_special_tokens=True)
-        rewards = self.rewards(texts, group)
-        correct = [self.source.is_correct(t, s) for t, s in zip(texts, group)]
-        return {"samples": group, "prompts": prompts, "gen": gen, "texts": texts, "rewards": rewards,
-                "correct": correct}
+
+    def rollout(self, step: int) -> dict[str, Any]:
+        """Sample ``n`` completions for each of ``prompts_per_step`` prompts and score them.
+
+        With ``algo.dynamic_sampling`` (DAPO), groups whose rewards are all equal carry no
+        group-relative signal: they are dropped and more prompts are drawn, up to
+        ``algo.max_sampling_tries`` rollout batches; the step then trains on the groups it has.
+        """
+        cfg, n, want = self.cfg, self.cfg.rollout.n, self.cfg.train.prompts_per_step
+        base_seed = step_seed(cfg.run.seed, step)
+        if not cfg.algo.dynamic_sampling:
+            batch = self._sample_groups(self.sampler.next_batch(want), base_seed)
+            batch["sampling_tries"], batch["groups_dropped"] = 1, 0
+            return batch
+        kept: list[dict[str, Any]] = []
+        n_kept, tries, dropped = 0, 0, 0
+        while n_kept < want and tries < cfg.algo.max_sampling_tries:
+            part = self._sample_groups(self.sampler.next_batch(want), base_seed + 7_919 * tries)
+            tries += 1
+            keep = dynamic_sampling_keep(torch.tensor(part["rewards"]), n).tolist()
+            groups = [g for g, k in enumerate(keep) if k][: want - n_kept]
+            dropped += len(keep) - sum(keep)
+            if groups:
+                kept.append(_select_rows(part, [g * n + j for g in groups for j in range(n)], self.tokenizer.pad_token_id))
+                n_kept += len(groups)
+        if not kept:  # every group was uniform: train on the last batch (its advantages are all 0)
+            kept = [part]
+        batch = _concat_batches(kept, self.tokenizer.pad_token_id)
+        batch["sampling_tries"], batch["groups_dropped"] = tries, dropped
+        return batch
 
     def update(self, batch: dict[str, Any], step: int) -> dict[str, float]:
         """PPO-style update over mini batches (optimizer steps) and micro batches (accumulation)."""
         cfg, a = self.cfg, self.cfg.algo
         gen = batch["gen"]
-        rewards = torch.tensor(batch["rewards"].total, dtype=torch.float32)
-        adv = self.advantage_fn(rewards, cfg.rollout.n, eps=a.adv_eps).to(self.device)
-        ids, mask, old_lp = gen.completion_ids, gen.completion_mask, gen.logprobs
+        ids, mask, behaviour_lp = gen.completion_ids, gen.completion_mask, gen.logprobs
         prompts = batch["prompts"]
         B, mini, micro = len(prompts), cfg.resolved_mini_batch_size, cfg.train.micro_batch_size
-        temp = cfg.rollout.temperature
-        ref_lp = None
-        if self.ref_model is not None:
+        temp, pad = cfg.rollout.temperature, self.tokenizer.pad_token_id
+        loss_mask = mask.float()
+        if a.overlong_filter:  # DAPO: truncated completions do not enter the loss
+            loss_mask = overlong_filter_mask(loss_mask, gen.truncated.to(loss_mask.device))
+
+        def forward_all(model) -> torch.Tensor:
             with torch.no_grad():
-                ref_lp = torch.cat([completion_logprobs(self.ref_model, prompts[i:i + micro], ids[i:i + micro],
-                                                        mask[i:i + micro], self.tokenizer.pad_token_id, temp)[0]
-                                    for i in range(0, B, micro)])
+                parts = [completion_logprobs(model, prompts[i:i + micro], ids[i:i + micro], mask[i:i + micro], pad,
+                                             temp)[0] for i in range(0, B, micro)]
+            width = ids.shape[1]
+            return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
+
+        ref_lp = forward_all(self.ref_model) if self.ref_model is not None else None
+        # Old (proximal) log-probs: the sampler's own, unless truncated importance sampling is on, which
+        # needs the trainer's forward of the rollout policy to compare with the behaviour log-probs.
+        old_lp = behaviour_lp
+        tis_w, tis_stats = None, {}
+        if a.tis_mode != "off":
+            old_lp = forward_all(self.model)
+            tis_w, tis_stats = tis_weights(old_lp, behaviour_lp, loss_mask, a.tis_mode, a.tis_cap)
+        kl_coef = self.kl_ctl.value if self.ref_model is not None else 0.0
+        token_rewards = None
+        if ref_lp is not None and a.kl_in_reward:
+            token_rewards = kl_penalty_rewards(old_lp, ref_lp, loss_mask, kl_coef, self.kl_fn)
+        rewards = torch.tensor(batch["rewards"], dtype=torch.float32)
+        base = batch.get("baseline_rewards")
+        adv = self.advantage_fn(
+            rewards, loss_mask, cfg.rollout.n, a, token_rewards=token_rewards, state=self.algo_state,
+            baseline_rewards=torch.tensor(base, dtype=torch.float32) if base is not None else None,
+        ).to(self.device)
+        kl_in_loss = ref_lp is not None and not a.kl_in_reward
         # Sequences with advantage exactly 0 contribute exactly 0 loss and gradient when the policy loss says
         # so and no KL / entropy term is on: skip their forward/backward but keep their tokens in the
         # token-mean denominator, so the update is the same as computing them.
-        skip_zero = (self.skip_zero_advantage and a.kl_coef == 0 and a.entropy_coef == 0
+        skip_zero = (self.skip_zero_advantage and not kl_in_loss and a.entropy_coef == 0
                      and getattr(self.policy_loss_fn, "zero_at_zero_advantage", False))
         sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "kl_ref": 0.0}
         tokens_seen, grad_norms, skipped, updates, rows_computed = 0.0, [], 0, 0, 0
@@ -319,9 +423,10 @@ class RLTrainer:
             order = torch.arange(B) if epoch == 0 else torch.randperm(B, generator=order_rng)
             for start in range(0, B, mini):
                 mb = order[start:start + mini]
-                n_tok = float(mask[mb].sum())
+                norms = {"num_tokens": float(loss_mask[mb].sum()), "num_seqs": len(mb),
+                         "max_len": cfg.rollout.max_new_tokens}
                 if skip_zero:
-                    mb = mb[adv[mb].cpu() != 0]
+                    mb = mb[(adv[mb] * loss_mask[mb]).abs().sum(-1).cpu() != 0]
                 for p in self.params:  # explicit zeros, so a step with every row skipped still steps Adam
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
@@ -331,19 +436,20 @@ class RLTrainer:
                 for mstart in range(0, len(mb), micro):
                     idx = mb[mstart:mstart + micro]
                     width = max(1, int(mask[idx].sum(-1).max()))
-                    m_ids, m_mask = ids[idx, :width], mask[idx, :width].float()
+                    m_ids, m_mask = ids[idx, :width], loss_mask[idx, :width]
                     lp, ent = completion_logprobs(self.model, [prompts[i] for i in idx], m_ids, mask[idx, :width],
-                                                  self.tokenizer.pad_token_id, temp,
-                                                  with_entropy=a.entropy_coef > 0, entropy_grad=True)
-                    loss_tok, stats = self.policy_loss_fn(lp, old_lp[idx, :width], adv[idx],
-                                                          eps_low=a.clip_eps_low, eps_high=a.clip_eps_high)
+                                                  pad, temp, with_entropy=a.entropy_coef > 0, entropy_grad=True)
+                    loss_tok, stats = self.policy_loss_fn(lp, old_lp[idx, :width], adv[idx, :width], m_mask, a)
+                    if tis_w is not None:
+                        loss_tok = loss_tok * tis_w[idx, :width]
                     if ref_lp is not None:
                         kl_ref_tok = self.kl_fn(lp, ref_lp[idx, :width])
-                        loss_tok = loss_tok + a.kl_coef * kl_ref_tok
+                        if kl_in_loss:
+                            loss_tok = loss_tok + kl_coef * kl_ref_tok
                         sums["kl_ref"] += float((kl_ref_tok.detach() * m_mask).sum())
                     if a.entropy_coef > 0:
                         loss_tok = loss_tok - a.entropy_coef * ent
-                    loss = self.agg_fn(loss_tok, m_mask, n_tok)
+                    loss = self.agg_fn(loss_tok, m_mask, **norms)
                     if not torch.isfinite(loss):
                         finite = False
                         break
@@ -373,6 +479,10 @@ class RLTrainer:
                "rows_computed_frac": rows_computed / max(1, B * cfg.train.epochs)}
         if ref_lp is not None:
             out["kl_ref"] = sums["kl_ref"] / denom
+            out["kl_coef"] = kl_coef
+            self.kl_ctl.update(out["kl_ref"], B)
+        for k, v in tis_stats.items():
+            out[f"tis/{k}"] = float(v)
         return out
 
     # ----- the loop ------------------------------------------------------------------------------------------
@@ -443,13 +553,13 @@ class RLTrainer:
         return self.state.results
 
     def _metrics(self, batch, upd: dict[str, float], t_gen: float, t_step: float) -> dict[str, Any]:
-        gen, res = batch["gen"], batch["rewards"]
+        gen = batch["gen"]
         lengths = gen.lengths.float()
         gen_tokens = float(lengths.sum())
         record: dict[str, Any] = {
             "step": self.state.step,
-            "reward_mean": float(np.mean(res.total)),
-            "reward_std": float(np.std(res.total)),
+            "reward_mean": float(np.mean(batch["rewards"])),
+            "reward_std": float(np.std(batch["rewards"])),
             "accuracy": float(np.mean(batch["correct"])),
             "kl": upd["kl"],
             "entropy": float((gen.entropy * gen.completion_mask).sum() / max(gen_tokens, 1.0)),
@@ -467,13 +577,14 @@ class RLTrainer:
             "rows_computed_frac": upd["rows_computed_frac"],
             "skipped_updates": upd["skipped_updates"],
             "nonfinite_steps": self.state.nonfinite_total,
-            "reward_errors": sum(res.errors.values()),
+            "reward_errors": sum(batch["errors"].values()),
+            "sampling_tries": batch["sampling_tries"],
+            "groups_dropped": batch["groups_dropped"],
         }
-        if "kl_ref" in upd:
-            record["kl_ref"] = upd["kl_ref"]
-        for name, values in res.components.items():
+        record.update({k: v for k, v in upd.items() if k == "kl_ref" or k == "kl_coef" or k.startswith("tis/")})
+        for name, values in batch["components"].items():
             record[f"reward/{name}"] = float(np.mean(values))
-        for (name, kind), count in res.errors.items():
+        for (name, kind), count in batch["errors"].items():
             record[f"reward_errors/{name}/{kind}"] = count
         return record
 
