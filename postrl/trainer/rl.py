@@ -3,8 +3,8 @@
     for step in steps:
         prompts   = sampler.next_batch(prompts_per_step)           # PromptSource
         rollouts  = generator.generate(prompts x n)                # Rollout (ids, mask, logprobs)
-        rewards   = reward_pipeline(completions)                   # Reward (isolated failures)
-        adv       = advantage_fn(rewards, n)                       # Advantage
+        rewards   = reward_pipeline(completions) (+ overlong shaping)  # Reward (isolated failures)
+        adv       = advantage_fn(rewards, mask, n, cfg.algo, ...)  # Advantage [B, T]
         for epoch, mini batch:                                     # Update
             for micro batch: loss = agg(policy_loss(...) + kl_coef * kl(...)); backward
             clip grads; optimizer.step()
@@ -295,8 +295,9 @@ class RLTrainer:
             self.scheduler.load_state_dict(st["scheduler"])
             self.sampler.load_state_dict(st["sampler"])
             set_rng_state(st["rng"])
-            self.kl_ctl.load_state_dict(st["kl_controller"])
-            self.algo_state = st["algo_state"]
+            if "kl_controller" in st:  # absent in checkpoints written before the algorithm library
+                self.kl_ctl.load_state_dict(st["kl_controller"])
+            self.algo_state = st.get("algo_state", {})
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
             # e.g. resuming with other data (sampler size) or another model (optimizer param groups)
             raise TrainingError(
@@ -324,7 +325,7 @@ class RLTrainer:
         components = dict(res.components)
         a = cfg.algo
         if a.overlong_buffer > 0:  # DAPO overlong reward shaping
-            pen = overlong_penalty(gen.lengths, r.max_new_tokens, a.overlong_buffer, a.overlong_penalty).tolist()
+            pen = self._overlong(gen)
             rewards = [x + p for x, p in zip(rewards, pen)]
             components["overlong"] = pen
         batch = {"samples": group, "prompts": prompts, "gen": gen, "texts": texts, "rewards": rewards,
@@ -334,8 +335,15 @@ class RLTrainer:
             greedy = self.generator.generate([self.render(s) for s in samples],
                                              SamplingParams(r.max_new_tokens, temperature=0.0), batch_size=r.batch_size)
             base = self.rewards(self.decode(greedy), samples).total
+            if a.overlong_buffer > 0:  # the baseline is scored exactly like the samples
+                base = [x + p for x, p in zip(base, self._overlong(greedy))]
             batch["baseline_rewards"] = [b for b in base for _ in range(r.n)]
         return batch
+
+    def _overlong(self, gen: Generation) -> list[float]:
+        a = self.cfg.algo
+        return overlong_penalty(gen.lengths, self.cfg.rollout.max_new_tokens, a.overlong_buffer,
+                                a.overlong_penalty).tolist()
 
     def decode(self, gen: Generation) -> list[str]:
         return self.tokenizer.batch_decode(
@@ -357,7 +365,8 @@ class RLTrainer:
         kept: list[dict[str, Any]] = []
         n_kept, tries, dropped = 0, 0, 0
         while n_kept < want and tries < cfg.algo.max_sampling_tries:
-            part = self._sample_groups(self.sampler.next_batch(want), base_seed + 7_919 * tries)
+            # a seed stream of its own per try (base_seed + 7919 * k would be step s + k's seed)
+            part = self._sample_groups(self.sampler.next_batch(want), (base_seed + 1_000_000_007 * tries) % 2**62)
             tries += 1
             keep = dynamic_sampling_keep(torch.tensor(part["rewards"]), n).tolist()
             groups = [g for g, k in enumerate(keep) if k][: want - n_kept]
