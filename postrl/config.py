@@ -234,6 +234,20 @@ class AlgoConfig:
 
 
 @dataclass
+class CriticConfig:
+    """The value model of PPO; used only when algo.advantage is gae."""
+
+    name_or_path: str | None = None
+    """Model to initialise the critic's backbone from; None = the policy's model."""
+    lr: float = 1e-5
+    """Critic learning rate (AdamW; same betas, weight decay and grad_clip as the policy)."""
+    value_clip: float = 0.2
+    """Value clipping range eps_v around the rollout-time values; 0 = off."""
+    warmup_steps: int = 0
+    """Steps at the start during which only the critic is trained (the policy is not updated)."""
+
+
+@dataclass
 class TrainConfig:
     """Optimisation. See the module docstring for how the batch sizes relate."""
 
@@ -309,6 +323,7 @@ class Config:
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
     """Reward functions, summed with their weights."""
     algo: AlgoConfig = field(default_factory=AlgoConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -711,6 +726,10 @@ def validate(cfg: Config) -> None:
           a.overlong_buffer, f"must be smaller than rollout.max_new_tokens ({r.max_new_tokens})")
     at_least("algo.overlong_penalty", a.overlong_penalty, 0)
     at_least("algo.max_sampling_tries", a.max_sampling_tries, 1)
+
+    check(cfg.critic.lr > 0, "critic.lr", cfg.critic.lr, "must be > 0")
+    at_least("critic.value_clip", cfg.critic.value_clip, 0, " (0 = off)")
+    at_least("critic.warmup_steps", cfg.critic.warmup_steps, 0)
 
     # train
     at_least("train.steps", t.steps, 1)

@@ -73,11 +73,11 @@ def test_overlong_shaping_penalises_truncated_completions(tiny_config):
     assert min(r["reward/overlong"] for r in rows) < 0
 
 
-def test_gae_without_a_critic_is_refused_up_front(tiny_config):
+def test_kl_in_reward_without_a_coefficient_is_refused_up_front(tiny_config):
     from postrl.config import ConfigError
 
-    with pytest.raises(ConfigError, match="needs a learned value model"):
-        train(tiny_config("algo.advantage=gae"))
+    with pytest.raises(ConfigError, match="kl_in_reward=true needs algo.kl_coef > 0"):
+        train(tiny_config("algo.kl_in_reward=true"))
 
 
 def test_every_recipe_loads_and_names_its_paper():

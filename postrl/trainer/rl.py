@@ -35,7 +35,10 @@ from collections import Counter
 from postrl.algorithms import ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from postrl.algorithms.kl_control import build_kl_controller, kl_penalty_rewards
 from postrl.algorithms.policy_losses import tis_weights
+from postrl.algorithms.advantages import gae_advantages_and_returns, last_token_rewards
 from postrl.algorithms.shaping import dynamic_sampling_keep, overlong_filter_mask, overlong_penalty
+from postrl.algorithms.value_losses import clipped_value_loss
+from postrl.models.value import ValueModel
 from postrl.config import Config, ConfigError, save_config
 from postrl.data import PromptSampler, build_messages, build_source, render_prompt
 from postrl.eval import greedy_eval
@@ -106,10 +109,6 @@ def build_data_source(cfg: Config):
 
 def check_registries(cfg: Config) -> None:
     """Fail before any model is loaded if a method name is unknown or needs what is not built yet."""
-    if cfg.algo.advantage == "gae":
-        raise ConfigError("algo.advantage=gae needs a learned value model (PPO with a critic), which postrl does not "
-                          "have yet; use a critic-free estimator: grpo, dr_grpo, rloo, reinforce_pp, "
-                          "reinforce_pp_baseline, remax or bnpo.")
     if cfg.algo.kl_in_reward and cfg.algo.kl_coef == 0:
         raise ConfigError("algo.kl_in_reward=true needs algo.kl_coef > 0 (the KL penalty it puts into the reward).")
     for registry, name in ((ADVANTAGES, cfg.algo.advantage), (POLICY_LOSSES, cfg.algo.policy_loss),
@@ -231,6 +230,14 @@ class RLTrainer:
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(t.lr_schedule, t.warmup_steps, t.steps))
+        self.critic, self.critic_optimizer = None, None
+        if cfg.algo.advantage == "gae":  # PPO with a learned value model
+            critic_lm = load_model_and_tokenizer(
+                cfg.critic.name_or_path or m.name_or_path, dtype=m.dtype, device=m.device, revision=m.revision,
+                offline_fallback=m.offline_fallback, cache_dir=m.cache_dir, trust_remote_code=m.trust_remote_code)[0]
+            self.critic = ValueModel(critic_lm)
+            self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic.lr,
+                                                      betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
         self.sampler = PromptSampler(self.source.train, seed=cfg.resolved_data_seed)
         self.state = RunState()
         self.kl_ctl = build_kl_controller(cfg.algo)  # fixed kl_coef, or adaptive towards algo.kl_target
@@ -284,6 +291,8 @@ class RLTrainer:
             "sampler": self.sampler.state_dict(),
             "rng": rng_state(),
             "kl_controller": self.kl_ctl.state_dict(),
+            **({"critic": self.critic.state_dict(), "critic_optimizer": self.critic_optimizer.state_dict()}
+               if self.critic is not None else {}),
             "algo_state": self.algo_state,
         }
 
@@ -298,6 +307,9 @@ class RLTrainer:
             if "kl_controller" in st:  # absent in checkpoints written before the algorithm library
                 self.kl_ctl.load_state_dict(st["kl_controller"])
             self.algo_state = st.get("algo_state", {})
+            if self.critic is not None:
+                self.critic.load_state_dict(st["critic"])
+                self.critic_optimizer.load_state_dict(st["critic_optimizer"])
         except (ValueError, KeyError, TypeError, RuntimeError) as exc:
             # e.g. resuming with other data (sampler size) or another model (optimizer param groups)
             raise TrainingError(
@@ -413,10 +425,28 @@ class RLTrainer:
             token_rewards = kl_penalty_rewards(old_lp, ref_lp, loss_mask, kl_coef, self.kl_fn)
         rewards = torch.tensor(batch["rewards"], dtype=torch.float32)
         base = batch.get("baseline_rewards")
+        values = critic_out = None
+        if self.critic is not None:
+            with torch.no_grad():
+                self.critic.eval()
+                values = torch.cat([torch.nn.functional.pad(
+                    self.critic(prompts[i:i + micro], ids[i:i + micro], mask[i:i + micro], pad),
+                    (0, ids.shape[1] - ids[i:i + micro].shape[1])) for i in range(0, B, micro)])
         adv = self.advantage_fn(
             rewards, loss_mask, cfg.rollout.n, a, token_rewards=token_rewards, state=self.algo_state,
             baseline_rewards=torch.tensor(base, dtype=torch.float32) if base is not None else None,
+            values=values,
         ).to(self.device)
+        if self.critic is not None:
+            per_token = last_token_rewards(rewards.to(loss_mask.device), loss_mask)
+            if token_rewards is not None:
+                per_token = per_token + token_rewards
+            returns = gae_advantages_and_returns(per_token, values, loss_mask, a.gamma, a.lam)[1]
+            critic_out = self.update_critic(prompts, ids, mask, loss_mask, values, returns, step)
+            if step < cfg.critic.warmup_steps:  # critic warm-up: the policy waits
+                return {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "lr": self.scheduler.get_last_lr()[0],
+                        "grad_norm": float("nan"), "updates": 0, "skipped_updates": 0, "rows_computed_frac": 0.0,
+                        "policy_frozen": 1, **critic_out}
         kl_in_loss = ref_lp is not None and not a.kl_in_reward
         # Sequences with advantage exactly 0 contribute exactly 0 loss and gradient when the policy loss says
         # so and no KL / entropy term is on: skip their forward/backward but keep their tokens in the
@@ -492,7 +522,47 @@ class RLTrainer:
             self.kl_ctl.update(out["kl_ref"], B)
         for k, v in tis_stats.items():
             out[f"tis/{k}"] = float(v)
+        if critic_out is not None:
+            out.update(critic_out, policy_frozen=0)
         return out
+
+    def update_critic(self, prompts, ids, mask, loss_mask, old_values, returns, step: int) -> dict[str, float]:
+        """Regress the value model on the GAE returns with the clipped value loss (same batching as the policy)."""
+        cfg = self.cfg
+        B, mini, micro = len(prompts), cfg.resolved_mini_batch_size, cfg.train.micro_batch_size
+        pad = self.tokenizer.pad_token_id
+        params = list(self.critic.parameters())
+        self.critic.train()
+        total, clipped, tokens, updates = 0.0, 0.0, 0.0, 0
+        order_rng = torch.Generator().manual_seed(step_seed(cfg.run.seed, step) + 2)
+        for epoch in range(cfg.train.epochs):
+            order = torch.arange(B) if epoch == 0 else torch.randperm(B, generator=order_rng)
+            for start in range(0, B, mini):
+                mb = order[start:start + mini]
+                norms = {"num_tokens": float(loss_mask[mb].sum()), "num_seqs": len(mb),
+                         "max_len": cfg.rollout.max_new_tokens}
+                self.critic_optimizer.zero_grad(set_to_none=True)
+                for mstart in range(0, len(mb), micro):
+                    idx = mb[mstart:mstart + micro]
+                    width = max(1, int(mask[idx].sum(-1).max()))
+                    m_mask = loss_mask[idx, :width]
+                    v = self.critic([prompts[i] for i in idx], ids[idx, :width], mask[idx, :width], pad)
+                    loss_tok, was_clipped = clipped_value_loss(v, old_values[idx, :width], returns[idx, :width],
+                                                               cfg.critic.value_clip)
+                    loss = LOSS_AGGREGATIONS["token_mean"](loss_tok, m_mask, **norms)
+                    loss.backward()
+                    total += float(loss.detach())
+                    clipped += float((was_clipped * m_mask).sum())
+                    tokens += float(m_mask.sum())
+                clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+                if torch.isfinite(torch.nn.utils.clip_grad_norm_(params, clip)):
+                    self.critic_optimizer.step()
+                    updates += 1
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        valid = loss_mask.bool()
+        return {"value_loss": total / max(updates, 1), "value_clip_frac": clipped / max(tokens, 1.0),
+                "values_mean": float(old_values[valid].mean()) if valid.any() else 0.0,
+                "returns_mean": float(returns[valid].mean()) if valid.any() else 0.0}
 
     # ----- the loop ------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -515,7 +585,7 @@ class RLTrainer:
                 t_gen = time.time() - t0
                 upd = self.update(batch, step)
                 t_step = time.time() - t0
-                if upd["updates"] == 0:
+                if upd["updates"] == 0 and upd["skipped_updates"] > 0:
                     self.state.consecutive_nonfinite += 1
                     self.state.nonfinite_total += 1
                 else:
@@ -590,7 +660,9 @@ class RLTrainer:
             "sampling_tries": batch["sampling_tries"],
             "groups_dropped": batch["groups_dropped"],
         }
-        record.update({k: v for k, v in upd.items() if k == "kl_ref" or k == "kl_coef" or k.startswith("tis/")})
+        record.update({k: v for k, v in upd.items()
+                       if k in ("kl_ref", "kl_coef", "value_loss", "value_clip_frac", "values_mean", "returns_mean",
+                                "policy_frozen") or k.startswith("tis/")})
         for name, values in batch["components"].items():
             record[f"reward/{name}"] = float(np.mean(values))
         for (name, kind), count in batch["errors"].items():
