@@ -109,8 +109,29 @@ def build_data_source(cfg: Config):
 
 def check_registries(cfg: Config) -> None:
     """Fail before any model is loaded if a method name is unknown or needs what is not built yet."""
-    if cfg.algo.kl_in_reward and cfg.algo.kl_coef == 0:
-        raise ConfigError("algo.kl_in_reward=true needs algo.kl_coef > 0 (the KL penalty it puts into the reward).")
+    a = cfg.algo
+    incompatible = [
+        (a.kl_in_reward and a.kl_coef == 0,
+         "algo.kl_in_reward=true needs algo.kl_coef > 0 (the KL penalty it puts into the reward)."),
+        (a.kl_target > 0 and a.kl_coef == 0,
+         "algo.kl_target (adaptive KL) needs algo.kl_coef > 0 as the starting coefficient."),
+        (a.policy_loss == "gspo" and a.loss_agg != "seq_mean_token_mean",
+         f"algo.policy_loss=gspo is a sequence-level objective (GSPO eq. 5 averages over sequences); use "
+         f"algo.loss_agg=seq_mean_token_mean, not {a.loss_agg}."),
+        (a.dual_clip_c > 0 and a.policy_loss != "ppo_clip",
+         f"algo.dual_clip_c applies to algo.policy_loss=ppo_clip only, not {a.policy_loss}."),
+        (a.advantage == "bnpo" and (a.kl_in_reward or a.overlong_buffer > 0),
+         "algo.advantage=bnpo models binary success rates with a Beta distribution: it cannot take per-token KL "
+         "rewards (kl_in_reward) or overlong shaping (overlong_buffer)."),
+        (a.advantage == "remax" and a.dynamic_sampling,
+         "algo.dynamic_sampling drops groups with all-equal rewards, but remax advantages compare with the greedy "
+         "completion and are not zero for such groups; turn one of them off."),
+        (a.advantage in ("rloo", "reinforce_pp_baseline", "bnpo", "grpo", "dr_grpo") and cfg.rollout.n < 2,
+         f"algo.advantage={a.advantage} compares completions of the same prompt: rollout.n must be >= 2."),
+    ]
+    for bad, message in incompatible:
+        if bad:
+            raise ConfigError(message)
     for registry, name in ((ADVANTAGES, cfg.algo.advantage), (POLICY_LOSSES, cfg.algo.policy_loss),
                            (LOSS_AGGREGATIONS, cfg.algo.loss_agg), (KL_ESTIMATORS, cfg.algo.kl_estimator)):
         try:
