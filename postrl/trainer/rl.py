@@ -419,7 +419,7 @@ class RLTrainer:
         gen = batch["gen"]
         ids, mask, behaviour_lp = gen.completion_ids, gen.completion_mask, gen.logprobs
         prompts = batch["prompts"]
-        B, mini, micro = len(prompts), cfg.resolved_mini_batch_size, cfg.train.micro_batch_size
+        B, micro = len(prompts), cfg.train.micro_batch_size
         temp, pad = cfg.rollout.temperature, self.tokenizer.pad_token_id
         loss_mask = mask.float()
         if a.overlong_filter:  # DAPO: truncated completions do not enter the loss
@@ -478,57 +478,51 @@ class RLTrainer:
         tokens_seen, grad_norms, skipped, updates, rows_computed = 0.0, [], 0, 0, 0
         lr = self.scheduler.get_last_lr()[0]
         self.model.train()
-        order_rng = torch.Generator().manual_seed(step_seed(cfg.run.seed, step) + 1)
-        for epoch in range(cfg.train.epochs):
-            order = torch.arange(B) if epoch == 0 else torch.randperm(B, generator=order_rng)
-            for start in range(0, B, mini):
-                mb = order[start:start + mini]
-                norms = {"num_tokens": float(loss_mask[mb].sum()), "num_seqs": len(mb),
-                         "max_len": cfg.rollout.max_new_tokens}
-                if skip_zero:
-                    mb = mb[(adv[mb] * loss_mask[mb]).abs().sum(-1).cpu() != 0]
-                for p in self.params:  # explicit zeros, so a step with every row skipped still steps Adam
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    else:
-                        p.grad.zero_()
-                finite = True
-                for mstart in range(0, len(mb), micro):
-                    idx = mb[mstart:mstart + micro]
-                    width = max(1, int(mask[idx].sum(-1).max()))
-                    m_ids, m_mask = ids[idx, :width], loss_mask[idx, :width]
-                    lp, ent = completion_logprobs(self.model, [prompts[i] for i in idx], m_ids, mask[idx, :width],
-                                                  pad, temp, with_entropy=a.entropy_coef > 0, entropy_grad=True)
-                    loss_tok, stats = self.policy_loss_fn(lp, old_lp[idx, :width], adv[idx, :width], m_mask, a)
-                    if tis_w is not None:
-                        loss_tok = loss_tok * tis_w[idx, :width]
-                    if ref_lp is not None:
-                        kl_ref_tok = self.kl_fn(lp, ref_lp[idx, :width])
-                        if kl_in_loss:
-                            loss_tok = loss_tok + kl_coef * kl_ref_tok
-                        sums["kl_ref"] += float((kl_ref_tok.detach() * m_mask).sum())
-                    if a.entropy_coef > 0:
-                        loss_tok = loss_tok - a.entropy_coef * ent
-                    loss = self.agg_fn(loss_tok, m_mask, **norms)
-                    if not torch.isfinite(loss):
-                        finite = False
-                        break
-                    loss.backward()
-                    rows_computed += len(idx)
-                    with torch.no_grad():
-                        sums["loss"] += float(loss)
-                        sums["clip_frac"] += float((stats["clipped"] * m_mask).sum())
-                        sums["kl"] += float((KL_ESTIMATORS["k3"](lp.detach(), old_lp[idx, :width]) * m_mask).sum())
-                    tokens_seen += float(m_mask.sum())
-                clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-                gnorm = torch.nn.utils.clip_grad_norm_(self.params, clip) if finite else torch.tensor(float("nan"))
-                if not finite or not torch.isfinite(gnorm):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    skipped += 1
-                    continue
-                self.optimizer.step()  # also when every row was skipped: zero gradients, Adam moments still move
-                updates += 1
-                grad_norms.append(float(gnorm))
+        for mb, norms in self._mini_batches(loss_mask, step, salt=1):
+            if skip_zero:
+                mb = mb[(adv[mb] * loss_mask[mb]).abs().sum(-1).cpu() != 0]
+            for p in self.params:  # explicit zeros, so a step with every row skipped still steps Adam
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                else:
+                    p.grad.zero_()
+            finite = True
+            for mstart in range(0, len(mb), micro):
+                idx = mb[mstart:mstart + micro]
+                width = max(1, int(mask[idx].sum(-1).max()))
+                m_ids, m_mask = ids[idx, :width], loss_mask[idx, :width]
+                lp, ent = completion_logprobs(self.model, [prompts[i] for i in idx], m_ids, mask[idx, :width],
+                                              pad, temp, with_entropy=a.entropy_coef > 0, entropy_grad=True)
+                loss_tok, stats = self.policy_loss_fn(lp, old_lp[idx, :width], adv[idx, :width], m_mask, a)
+                if tis_w is not None:
+                    loss_tok = loss_tok * tis_w[idx, :width]
+                if ref_lp is not None:
+                    kl_ref_tok = self.kl_fn(lp, ref_lp[idx, :width])
+                    if kl_in_loss:
+                        loss_tok = loss_tok + kl_coef * kl_ref_tok
+                    sums["kl_ref"] += float((kl_ref_tok.detach() * m_mask).sum())
+                if a.entropy_coef > 0:
+                    loss_tok = loss_tok - a.entropy_coef * ent
+                loss = self.agg_fn(loss_tok, m_mask, **norms)
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                loss.backward()
+                rows_computed += len(idx)
+                with torch.no_grad():
+                    sums["loss"] += float(loss)
+                    sums["clip_frac"] += float((stats["clipped"] * m_mask).sum())
+                    sums["kl"] += float((KL_ESTIMATORS["k3"](lp.detach(), old_lp[idx, :width]) * m_mask).sum())
+                tokens_seen += float(m_mask.sum())
+            clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+            gnorm = torch.nn.utils.clip_grad_norm_(self.params, clip) if finite else torch.tensor(float("nan"))
+            if not finite or not torch.isfinite(gnorm):
+                self.optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
+            self.optimizer.step()  # also when every row was skipped: zero gradients, Adam moments still move
+            updates += 1
+            grad_norms.append(float(gnorm))
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         denom = max(tokens_seen, 1.0)
@@ -547,38 +541,46 @@ class RLTrainer:
             out.update(critic_out, policy_frozen=0)
         return out
 
-    def update_critic(self, prompts, ids, mask, loss_mask, old_values, returns, step: int) -> dict[str, float]:
-        """Regress the value model on the GAE returns with the clipped value loss (same batching as the policy)."""
-        cfg = self.cfg
-        B, mini, micro = len(prompts), cfg.resolved_mini_batch_size, cfg.train.micro_batch_size
-        pad = self.tokenizer.pad_token_id
-        params = list(self.critic.parameters())
-        self.critic.train()
-        total, clipped, tokens, updates = 0.0, 0.0, 0.0, 0
-        order_rng = torch.Generator().manual_seed(step_seed(cfg.run.seed, step) + 2)
+    def _mini_batches(self, loss_mask: torch.Tensor, step: int, salt: int):
+        """Yield ``(rows, normalisers)`` per mini batch over ``train.epochs`` passes (epoch 0 in order, later
+        epochs reshuffled with a seed of (run seed, step, salt)); the normalisers are the mini batch's, so
+        aggregation does not depend on the micro-batch split."""
+        cfg, B = self.cfg, loss_mask.shape[0]
+        mini = cfg.resolved_mini_batch_size
+        order_rng = torch.Generator().manual_seed(step_seed(cfg.run.seed, step) + salt)
         for epoch in range(cfg.train.epochs):
             order = torch.arange(B) if epoch == 0 else torch.randperm(B, generator=order_rng)
             for start in range(0, B, mini):
                 mb = order[start:start + mini]
-                norms = {"num_tokens": float(loss_mask[mb].sum()), "num_seqs": len(mb),
-                         "max_len": cfg.rollout.max_new_tokens}
-                self.critic_optimizer.zero_grad(set_to_none=True)
-                for mstart in range(0, len(mb), micro):
-                    idx = mb[mstart:mstart + micro]
-                    width = max(1, int(mask[idx].sum(-1).max()))
-                    m_mask = loss_mask[idx, :width]
-                    v = self.critic([prompts[i] for i in idx], ids[idx, :width], mask[idx, :width], pad)
-                    loss_tok, was_clipped = clipped_value_loss(v, old_values[idx, :width], returns[idx, :width],
-                                                               cfg.critic.value_clip)
-                    loss = LOSS_AGGREGATIONS["token_mean"](loss_tok, m_mask, **norms)
-                    loss.backward()
-                    total += float(loss.detach())
-                    clipped += float((was_clipped * m_mask).sum())
-                    tokens += float(m_mask.sum())
-                clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-                if torch.isfinite(torch.nn.utils.clip_grad_norm_(params, clip)):
-                    self.critic_optimizer.step()
-                    updates += 1
+                yield mb, {"num_tokens": float(loss_mask[mb].sum()), "num_seqs": len(mb),
+                           "max_len": cfg.rollout.max_new_tokens}
+
+    def update_critic(self, prompts, ids, mask, loss_mask, old_values, returns, step: int) -> dict[str, float]:
+        """Regress the value model on the GAE returns with the clipped value loss (same batching as the policy)."""
+        cfg = self.cfg
+        micro = cfg.train.micro_batch_size
+        pad = self.tokenizer.pad_token_id
+        params = list(self.critic.parameters())
+        self.critic.train()
+        total, clipped, tokens, updates = 0.0, 0.0, 0.0, 0
+        for mb, norms in self._mini_batches(loss_mask, step, salt=2):
+            self.critic_optimizer.zero_grad(set_to_none=True)
+            for mstart in range(0, len(mb), micro):
+                idx = mb[mstart:mstart + micro]
+                width = max(1, int(mask[idx].sum(-1).max()))
+                m_mask = loss_mask[idx, :width]
+                v = self.critic([prompts[i] for i in idx], ids[idx, :width], mask[idx, :width], pad)
+                loss_tok, was_clipped = clipped_value_loss(v, old_values[idx, :width], returns[idx, :width],
+                                                           cfg.critic.value_clip)
+                loss = LOSS_AGGREGATIONS["token_mean"](loss_tok, m_mask, **norms)
+                loss.backward()
+                total += float(loss.detach())
+                clipped += float((was_clipped * m_mask).sum())
+                tokens += float(m_mask.sum())
+            clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
+            if torch.isfinite(torch.nn.utils.clip_grad_norm_(params, clip)):
+                self.critic_optimizer.step()
+                updates += 1
         self.critic_optimizer.zero_grad(set_to_none=True)
         valid = loss_mask.bool()
         return {"value_loss": total / max(updates, 1), "value_clip_frac": clipped / max(tokens, 1.0),
