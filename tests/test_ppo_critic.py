@@ -67,3 +67,13 @@ def test_ppo_with_critic_learns_the_copy_task(tiny_config):
     assert sum(r["reward_mean"] for r in rows[-10:]) / 10 >= 0.85
     assert results["eval_after"]["accuracy"] >= 0.9
     assert sum(r["values_mean"] for r in rows[-10:]) / 10 > 0.5  # V(s) learned the high success rate
+
+
+def test_critic_value_loss_falls_while_the_policy_is_frozen(tiny_config):
+    """During warm-up the data distribution is fixed, so the critic's regression loss must go down."""
+    cfg = tiny_config(*PPO, "critic.warmup_steps=20", "train.steps=20", "rollout.n=8", "train.prompts_per_step=8",
+                      "train.micro_batch_size=64", "rollout.max_new_tokens=2", "critic.lr=3e-3")
+    run_dir, _ = train(cfg)
+    losses = [r["value_loss"] for r in read_metrics(run_dir)]
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < 0.5 * first, (first, last)
