@@ -41,6 +41,7 @@ from postrl.algorithms.value_losses import clipped_value_loss
 from postrl.models.value import ValueModel
 from postrl.config import Config, ConfigError, save_config
 from postrl.data import PromptSampler, build_messages, build_source, render_prompt
+from postrl.data.sources import CORRECT_EPS
 from postrl.eval import greedy_eval
 from postrl.models.loading import load_model_and_tokenizer
 from postrl.models.logprobs import completion_logprobs
@@ -363,7 +364,7 @@ class RLTrainer:
             components["overlong"] = pen
         batch = {"samples": group, "prompts": prompts, "gen": gen, "texts": texts, "rewards": rewards,
                  "components": components, "errors": res.errors,
-                 "correct": [self.source.is_correct(t, s) for t, s in zip(texts, group)]}
+                 "correct": self._correct(texts, group, res.components)}
         if a.advantage == "remax":  # ReMax baseline: reward of the greedy completion of each prompt
             greedy = self.generator.generate([self.render(s) for s in samples],
                                              SamplingParams(r.max_new_tokens, temperature=0.0), batch_size=r.batch_size)
@@ -372,6 +373,13 @@ class RLTrainer:
                 base = [x + p for x, p in zip(base, self._overlong(greedy))]
             batch["baseline_rewards"] = [b for b in base for _ in range(r.n)]
         return batch
+
+    def _correct(self, texts: list[str], samples: list, components: dict[str, list[float]]) -> list[bool]:
+        """Exact correctness per completion; reuses the ``task`` reward's scores when that reward is configured
+        (it is the same scorer), so slow verifiers such as math-verify run once per completion, not twice."""
+        if "task" in components:
+            return [v >= 1.0 - CORRECT_EPS for v in components["task"]]
+        return [self.source.is_correct(t, s) for t, s in zip(texts, samples)]
 
     def _overlong(self, gen: Generation) -> list[float]:
         a = self.cfg.algo
