@@ -1,80 +1,45 @@
-"""``postrl`` command line: ``postrl train [CONFIG.yaml] [key.sub=value ...] [--resume RUN_DIR]``."""
+"""``postrl`` command line: one subcommand per module in :mod:`postrl.commands`.
+
+``postrl train [CONFIG.yaml] [key.sub=value ...] [--resume RUN_DIR]`` and the
+other commands listed by ``postrl --help``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
+import pkgutil
 import sys
-from pathlib import Path
 
-RECIPES = Path(__file__).resolve().parent / "recipes"  # also reachable as ./recipes in a checkout
+import postrl.commands
 
-
-def _default_recipe() -> Path:
-    """The quickstart recipe, shipped inside the package so that it works from any install."""
-    return RECIPES / "quickstart.yaml"
+RECIPES = importlib.import_module("postrl.commands.train").RECIPES
+ORDER = ["train", "eval", "report", "sft", "rm", "dpo", "pipeline", "bench"]  # help listing order
 
 
-def _print_table(results: dict) -> None:
-    before, after = results.get("eval_before"), results.get("eval_after")
-    if not before or not after:
-        return
-    rows = [("held-out accuracy (greedy)", "accuracy", "{:.1%}"), ("held-out reward", "reward_mean", "{:.3f}"),
-            ("mean response length", "response_len_mean", "{:.1f}")]
-    print()
-    print(f"{'':28s} {'before':>10s} {'after':>10s} {'change':>10s}")
-    for label, key, fmt in rows:
-        b, a = before[key], after[key]
-        delta = (f"{(a - b) * 100:+.1f} pt" if key == "accuracy" else f"{a - b:+.3f}")
-        print(f"{label:28s} {fmt.format(b):>10s} {fmt.format(a):>10s} {delta:>10s}")
-    print(f"(n = {after['n']} held-out problems; wall time {results.get('wall_time_s', 0):.0f} s)")
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from postrl.config import ConfigError, load_config
-    from postrl.trainer import TrainingError, train
-
-    config = args.config
-    overrides = list(args.overrides)
-    if config is not None and "=" in config and not Path(config).exists():
-        overrides.insert(0, config)  # `postrl train key=value` with the default recipe
-        config = None
-    if config is None and args.resume:
-        saved = Path(args.resume) / "config.yaml"
-        config = str(saved) if saved.is_file() else None
-    path = Path(config) if config else _default_recipe()
-    try:
-        cfg = load_config(path, overrides)
-        run_dir, results = train(cfg, resume=args.resume)
-    except (ConfigError, TrainingError) as exc:
-        print(f"postrl: error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, RuntimeError, OSError) as exc:
-        if type(exc).__name__ in ("DataError", "ModelLoadError"):
-            print(f"postrl: error: {exc}", file=sys.stderr)
-            return 2
-        raise
-    if results.get("interrupted"):
-        return 130
-    _print_table(results)
-    print(f"run directory: {run_dir}")
-    return 0
+def _commands() -> dict:
+    names = [m.name for m in pkgutil.iter_modules(postrl.commands.__path__) if not m.name.startswith("_")]
+    names.sort(key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
+    return {n: importlib.import_module(f"postrl.commands.{n}") for n in names}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="postrl", description="Reinforcement-learning post-training of LMs.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="RL training (GRPO family); no CONFIG runs recipes/quickstart.yaml")
-    p.add_argument("config", nargs="?", help="YAML config (recipe); default: the quickstart recipe")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 rollout.n=4")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
-    p.set_defaults(func=cmd_train)
+    modules = _commands()
+    for name, mod in modules.items():
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.run)
     # parse_known_args + re-check: argparse cannot put positionals after an option into `overrides`
-    # (`postrl train CONFIG --resume DIR train.steps=N`, as the Ctrl-C message suggests), so
-    # key=value words left over are taken as overrides and anything else is still an error.
+    # (`postrl train CONFIG --resume DIR train.steps=N`, as the Ctrl-C message suggests), so for
+    # commands that take overrides, key=value words left over are taken as overrides; anything
+    # else is still an error.
     args, extra = parser.parse_known_args(argv)
-    unknown = [a for a in extra if a.startswith("-") or "=" not in a]
+    takes_overrides = getattr(modules[args.command], "ACCEPTS_OVERRIDES", False)
+    unknown = [a for a in extra if a.startswith("-") or "=" not in a or not takes_overrides]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
