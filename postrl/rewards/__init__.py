@@ -20,25 +20,40 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from postrl.config import ConfigError
+from postrl.rewards.base import RewardBatch, RewardContext, RewardEntry, Scored  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
-RewardFn = Callable[..., float]
-REWARDS: dict[str, RewardFn] = {}
+RewardFn = Callable[..., Any]
+REWARDS: dict[str, RewardEntry] = {}
 
 
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator: make ``fn`` available as ``rewards: [{name: <name>}]``."""
+def register_reward(name: str, *, batched: bool = False, parallel: bool = False) -> Callable[[RewardFn], RewardFn]:
+    """Decorator: make a reward available as ``rewards: [{name: <name>, ...}]``.
+
+    See :mod:`postrl.rewards.base` for the three shapes (per-completion function, batched
+    function, batched class). ``parallel=True`` runs a per-completion function in a process
+    pool with a per-call timeout.
+    """
+    if parallel and batched:
+        raise ValueError(f"reward {name!r}: parallel=True applies to per-completion rewards, not batched ones")
 
     def deco(fn: RewardFn) -> RewardFn:
-        REWARDS[name] = fn
+        if isinstance(fn, type) and not batched:
+            raise ValueError(f"reward {name!r}: a class reward must be registered with batched=True")
+        REWARDS[name] = RewardEntry(name=name, fn=fn, batched=batched, parallel=parallel)
         return fn
 
     return deco
 
 
-def resolve_reward(name: str) -> RewardFn:
-    """A registered name, or ``package.module:function``; :class:`ConfigError` (a ValueError) otherwise."""
+def resolve_reward(name: str) -> RewardEntry:
+    """A registered name, or ``package.module:function``; :class:`ConfigError` (a ValueError) otherwise.
+
+    An imported callable that was decorated with :func:`register_reward` keeps its registered
+    shape; an undecorated one is taken as a per-completion function.
+    """
+    _load_builtins()
     if name in REWARDS:
         return REWARDS[name]
     if ":" in name:
@@ -49,12 +64,28 @@ def resolve_reward(name: str) -> RewardFn:
             raise ConfigError(f"rewards: cannot import {name!r} ({exc}); use 'package.module:function'.") from exc
         if not callable(fn):
             raise ConfigError(f"rewards: {name!r} is not callable")
-        return fn
+        for entry in REWARDS.values():
+            if entry.fn is fn:
+                return entry
+        return RewardEntry(name=name, fn=fn)
     close = difflib.get_close_matches(name, list(REWARDS), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ConfigError(
         f"Unknown reward {name!r}.{hint} Valid: {', '.join(sorted(REWARDS))}, or 'package.module:function'."
     )
+
+
+_BUILTIN_MODULES = ("verifiers", "sql", "code", "bleu", "reward_model", "judge")
+
+
+def _load_builtins() -> None:
+    """Import the built-in reward modules (they register themselves); missing ones are skipped."""
+    for mod in _BUILTIN_MODULES:
+        try:
+            importlib.import_module(f"postrl.rewards.{mod}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"postrl.rewards.{mod}":
+                raise
 
 
 @register_reward("task")
@@ -78,7 +109,7 @@ class RewardPipeline:
     def __init__(self, specs: Sequence[Any], source: Any, failure_score: float = 0.0):
         self.items: list[tuple[str, float, RewardFn, dict]] = []
         for spec in specs:
-            fn = resolve_reward(spec.name)
+            fn = resolve_reward(spec.name).fn
             kwargs = dict(spec.kwargs)
             if fn is task_reward:
                 kwargs["source"] = source
