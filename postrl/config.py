@@ -55,7 +55,7 @@ import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Optional, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -175,7 +175,34 @@ class RewardSpec:
     weight: float = 1.0
     """Multiplier applied to this reward."""
     kwargs: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments for the reward function."""
+    """Extra keyword arguments for the reward function. Keys written next to ``name`` in YAML
+    (``{name: code, weight: 1, mode: all}``) that are not fields here are put into ``kwargs``."""
+    timeout_s: float = 0.0
+    """Per-call time limit for a parallel (process-pool) reward; 0 = ``scoring.timeout_s``."""
+    failure_score: Optional[float] = None
+    """Score given to a completion whose reward raised, timed out or returned a non-finite
+    value; None = ``scoring.failure_score``."""
+
+    _extra_keys_into: ClassVar[str] = "kwargs"
+
+
+@dataclass
+class ScoringConfig:
+    """How the configured rewards are run and combined (see docs/rewards.md)."""
+
+    normalize: str = "sum_then_normalize"
+    """Multi-reward combination: ``sum_then_normalize`` (weighted sum of raw rewards; the advantage
+    estimator normalizes the total) or ``normalize_each_then_sum`` (each reward is standardized
+    within its prompt group first, then the weighted sum is taken, as in GDPO)."""
+    failure_score: float = 0.0
+    """Score for a completion whose reward raised, timed out or returned a non-finite value."""
+    timeout_s: float = 10.0
+    """Default per-call time limit for parallel (process-pool) rewards."""
+    workers: int = 2
+    """Processes in the pool that runs parallel rewards; 0 = run them in the trainer's process
+    (no timeout is then possible)."""
+    eps: float = 1e-6
+    """Added to the group std by ``normalize_each_then_sum``."""
 
 
 @dataclass
@@ -322,6 +349,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
     """Reward functions, summed with their weights."""
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -524,8 +552,19 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T
     kwargs = {}
     for key, value in data.items():
         if key not in hints:
-            raise _unknown_key(cls, path, key)
+            into = getattr(cls, "_extra_keys_into", None)
+            if into is None or not isinstance(key, str):
+                raise _unknown_key(cls, path, key)
+            extra = dict(data.get(into) or {})
+            if key in extra:
+                raise ConfigError(f"{path}.{key} is given twice: next to 'name' and in '{into}'")
+            extra[key] = value
+            data = {**data, into: extra}  # noqa: PLW2901 - folded into the kwargs field below
+            continue
         kwargs[key] = _coerce(value, hints[key], f"{path}.{key}" if path else key)
+    into = getattr(cls, "_extra_keys_into", None)
+    if into is not None and isinstance(data.get(into), Mapping):
+        kwargs[into] = _coerce(data[into], hints[into], f"{path}.{into}" if path else into)
     return cls(**kwargs)
 
 
@@ -706,6 +745,16 @@ def validate(cfg: Config) -> None:
     for i, spec in enumerate(cfg.rewards):
         check(bool(spec.name), f"rewards.{i}.name", spec.name, "must not be empty")
         check(abs(spec.weight) < float("inf"), f"rewards.{i}.weight", spec.weight, "must be finite")
+        check(spec.timeout_s >= 0, f"rewards.{i}.timeout_s", spec.timeout_s, "must be >= 0 (0 = scoring.timeout_s)")
+        check(spec.failure_score is None or abs(spec.failure_score) < float("inf"),
+              f"rewards.{i}.failure_score", spec.failure_score, "must be finite or null")
+    sc = cfg.scoring
+    check(sc.normalize in ("sum_then_normalize", "normalize_each_then_sum"), "scoring.normalize", sc.normalize,
+          "must be 'sum_then_normalize' or 'normalize_each_then_sum'")
+    check(abs(sc.failure_score) < float("inf"), "scoring.failure_score", sc.failure_score, "must be finite")
+    check(sc.timeout_s > 0, "scoring.timeout_s", sc.timeout_s, "must be > 0 seconds")
+    check(sc.workers >= 0, "scoring.workers", sc.workers, "must be >= 0 (0 = run in the trainer's process)")
+    check(sc.eps > 0, "scoring.eps", sc.eps, "must be > 0")
 
     # algo
     at_least("algo.clip_eps_low", a.clip_eps_low, 0)

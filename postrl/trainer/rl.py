@@ -45,7 +45,7 @@ from postrl.data.sources import CORRECT_EPS
 from postrl.eval import greedy_eval
 from postrl.models.loading import load_model_and_tokenizer
 from postrl.models.logprobs import completion_logprobs
-from postrl.rewards import RewardPipeline, resolve_reward
+from postrl.rewards import RewardContext, RewardPipeline, resolve_reward
 from postrl.rollout.generator import Generation, Generator, SamplingParams
 from postrl.trainer.checkpoint import (
     latest_checkpoint,
@@ -127,6 +127,11 @@ def check_registries(cfg: Config) -> None:
         (a.advantage == "remax" and a.dynamic_sampling,
          "algo.dynamic_sampling drops groups with all-equal rewards, but remax advantages compare with the greedy "
          "completion and are not zero for such groups; turn one of them off."),
+        (a.advantage == "remax" and cfg.scoring.normalize == "normalize_each_then_sum",
+         "scoring.normalize=normalize_each_then_sum standardizes each reward within a prompt's group, but the "
+         "remax baseline is a single greedy completion per prompt; use scoring.normalize=sum_then_normalize."),
+        (cfg.scoring.normalize == "normalize_each_then_sum" and cfg.rollout.n < 2,
+         "scoring.normalize=normalize_each_then_sum needs rollout.n >= 2 (it standardizes within a prompt's group)."),
         (a.advantage in ("rloo", "reinforce_pp_baseline", "bnpo", "grpo", "dr_grpo") and cfg.rollout.n < 2,
          f"algo.advantage={a.advantage} compares completions of the same prompt: rollout.n must be >= 2."),
     ]
@@ -163,6 +168,8 @@ def _select_rows(batch: dict[str, Any], rows: list[int], pad_id: int) -> dict[st
     out["components"] = {name: [v[i] for i in rows] for name, v in batch["components"].items()}
     out["gen"] = batch["gen"].select(rows)
     out["errors"] = batch["errors"]  # counted over everything that was sampled
+    out["statuses"] = batch.get("statuses", Counter())
+    out["failed"] = {name: [v[i] for i in rows] for name, v in batch.get("failed", {}).items()}
     return out
 
 
@@ -173,6 +180,9 @@ def _concat_batches(parts: list[dict[str, Any]], pad_id: int) -> dict[str, Any]:
     out["components"] = {name: [x for p in parts for x in p["components"][name]] for name in parts[0]["components"]}
     out["gen"] = Generation.concat([p["gen"] for p in parts], pad_id)
     out["errors"] = sum((Counter(p["errors"]) for p in parts), Counter())
+    out["statuses"] = sum((Counter(p.get("statuses", {})) for p in parts), Counter())
+    out["failed"] = {name: [x for p in parts for x in p.get("failed", {}).get(name, [])]
+                     for name in parts[0].get("failed", {})}
     return out
 
 
@@ -221,7 +231,6 @@ class RLTrainer:
             torch.set_num_threads(cfg.run.threads)
         seed_everything(cfg.run.seed)
         self.source = build_data_source(cfg)
-        self.rewards = RewardPipeline(cfg.rewards, self.source)
 
         m = cfg.model
         self.model, self.tokenizer, self.model_source = load_model_and_tokenizer(
@@ -229,6 +238,8 @@ class RLTrainer:
             offline_fallback=m.offline_fallback, cache_dir=m.cache_dir, trust_remote_code=m.trust_remote_code,
         )
         self.device = next(self.model.parameters()).device
+        self.rewards = RewardPipeline(cfg.rewards, self.source, cfg.scoring, RewardContext(
+            source=self.source, tokenizer=self.tokenizer, device=self.device))
         self.ref_model = None
         if cfg.algo.kl_coef > 0:
             # reference = the starting policy (the original model, also on resume)
@@ -354,7 +365,7 @@ class RLTrainer:
         gen = self.generator.generate(prompts, SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k),
                                       seed=seed, batch_size=r.batch_size)
         texts = self.decode(gen)
-        res = self.rewards(texts, group)
+        res = self.rewards(texts, group, prompts=prompts, completion_ids=self._completion_ids(gen), group_size=r.n)
         rewards = list(res.total)
         components = dict(res.components)
         a = cfg.algo
@@ -363,12 +374,14 @@ class RLTrainer:
             rewards = [x + p for x, p in zip(rewards, pen)]
             components["overlong"] = pen
         batch = {"samples": group, "prompts": prompts, "gen": gen, "texts": texts, "rewards": rewards,
-                 "components": components, "errors": res.errors,
+                 "components": components, "errors": res.errors, "statuses": res.statuses,
+                 "failed": res.failed,
                  "correct": self._correct(texts, group, res.components)}
         if a.advantage == "remax":  # ReMax baseline: reward of the greedy completion of each prompt
             greedy = self.generator.generate([self.render(s) for s in samples],
                                              SamplingParams(r.max_new_tokens, temperature=0.0), batch_size=r.batch_size)
-            base = self.rewards(self.decode(greedy), samples).total
+            base = self.rewards(self.decode(greedy), samples, prompts=[self.render(s) for s in samples],
+                                completion_ids=self._completion_ids(greedy)).total
             if a.overlong_buffer > 0:  # the baseline is scored exactly like the samples
                 base = [x + p for x, p in zip(base, self._overlong(greedy))]
             batch["baseline_rewards"] = [b for b in base for _ in range(r.n)]
@@ -385,6 +398,10 @@ class RLTrainer:
         a = self.cfg.algo
         return overlong_penalty(gen.lengths, self.cfg.rollout.max_new_tokens, a.overlong_buffer,
                                 a.overlong_penalty).tolist()
+
+    @staticmethod
+    def _completion_ids(gen: Generation) -> list[list[int]]:
+        return [ids[m.bool()].tolist() for ids, m in zip(gen.completion_ids, gen.completion_mask)]
 
     def decode(self, gen: Generation) -> list[str]:
         return self.tokenizer.batch_decode(
@@ -698,10 +715,17 @@ class RLTrainer:
             record[f"reward/{name}"] = float(np.mean(values))
         for (name, kind), count in batch["errors"].items():
             record[f"reward_errors/{name}/{kind}"] = count
+        for name, fails in batch.get("failed", {}).items():
+            record[f"reward_error_frac/{name}"] = float(np.mean(fails)) if fails else 0.0
+        for (name, status), count in batch.get("statuses", {}).items():
+            record[f"reward_status/{name}/{status}"] = count
         return record
 
 
 def train(cfg: Config, resume: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
     """Run (or resume) training; returns the run directory and ``results``."""
     trainer = RLTrainer(cfg, resume=resume)
-    return trainer.run_dir, trainer.fit()
+    try:
+        return trainer.run_dir, trainer.fit()
+    finally:
+        trainer.rewards.close()  # reward worker processes, judge clients
