@@ -235,7 +235,7 @@ class RewardPipeline:
         for item in self.items:
             values, fails, item_infos = [], [], []
             for raw in self._run_item(item, batch):
-                info: dict = {}
+                info: dict = raw.info if isinstance(raw, Scored) and isinstance(raw.info, dict) else {}
                 try:
                     if isinstance(raw, BaseException):
                         raise raw
