@@ -10,7 +10,7 @@ group statistics are dominated by the larger one and distinct reward combination
 onto the same advantage. ``normalize_each_then_sum`` standardizes each reward within its prompt
 group before the weighted sum (group reward-decoupled normalization, GDPO: Liu et al. 2026,
 "GDPO: Group reward-Decoupled Normalization Policy Optimization for Multi-reward RL
-Optimization")::
+Optimization", arXiv:2601.05242)::
 
     r_i = sum_k w_k (r_{i,k} - mean_{g(i)}(r_k)) / (std_{g(i)}(r_k) + eps)
 
