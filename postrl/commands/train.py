@@ -59,8 +59,20 @@ def run(args: argparse.Namespace) -> int:
     if results.get("interrupted"):
         return 130
     _print_table(results)
+    _write_report(run_dir)
     print(f"run directory: {run_dir}")
     return 0
+
+
+def _write_report(run_dir: Path) -> None:
+    """The run's HTML report (postrl report); a failure warns and never fails the finished training."""
+    try:
+        from postrl.eval.report import build_report
+
+        print(f"report: {build_report(run_dir)}")
+    except Exception as exc:  # noqa: BLE001 - the model and metrics are saved; the report can be redone later
+        print(f"postrl: warning: could not write the report ({type(exc).__name__}: {exc}); "
+              f"retry with: postrl report {run_dir}", file=sys.stderr)
 
 
 

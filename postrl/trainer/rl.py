@@ -43,6 +43,7 @@ from postrl.config import Config, ConfigError, save_config
 from postrl.data import PromptSampler, build_messages, build_source, render_prompt
 from postrl.data.sources import CORRECT_EPS
 from postrl.eval import greedy_eval
+from postrl.eval.report import append_samples, sample_log_record, should_log_samples, write_environment
 from postrl.models.loading import load_model_and_tokenizer
 from postrl.models.logprobs import completion_logprobs
 from postrl.rewards import RewardContext, RewardPipeline, resolve_reward
@@ -283,6 +284,7 @@ class RLTrainer:
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._truncate_metrics(self.state.step)
         save_config(cfg, self.run_dir / "config.yaml")
+        write_environment(self.run_dir, cfg, self.model, self.model_source, self.state.step)  # env.json, for reports
 
     # ----- helpers -------------------------------------------------------------------------------------------
     def _eos_ids(self) -> list[int]:
@@ -303,12 +305,13 @@ class RLTrainer:
                            self.cfg.resolved_eval_max_new_tokens, self.cfg.eval.batch_size)
 
     def _truncate_metrics(self, step: int) -> None:
-        """On resume, drop metric lines written after the checkpoint (they will be re-run)."""
-        if not self.metrics_path.exists():
-            return
-        lines = [ln for ln in self.metrics_path.read_text().splitlines()
-                 if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        self.metrics_path.write_text("".join(ln + "\n" for ln in lines))
+        """On resume, drop metric (and sample-log) lines written after the checkpoint (they will be re-run)."""
+        for path in (self.metrics_path, self.run_dir / "samples.jsonl"):
+            if not path.exists():
+                continue
+            lines = [ln for ln in path.read_text().splitlines()
+                     if ln.strip() and json.loads(ln).get("step", 0) <= step]
+            path.write_text("".join(ln + "\n" for ln in lines))
 
     def _write_results(self) -> None:
         path = self.run_dir / "results.json"
@@ -643,6 +646,8 @@ class RLTrainer:
                 with open(self.metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 progress.update(record)
+                if should_log_samples(self.state.step, cfg.train.steps):  # best/worst completions, for reports
+                    append_samples(self.run_dir, sample_log_record(self.state.step, batch, cfg.rollout.n))
                 # (a finite step never aborts, also with max_nonfinite_steps=0, which means "abort on the first")
                 if self.state.consecutive_nonfinite >= max(1, cfg.train.max_nonfinite_steps):
                     last = latest_checkpoint(self.run_dir / "checkpoints")
