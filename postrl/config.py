@@ -66,9 +66,12 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "ModelConfig",
+    "PreferenceConfig",
     "RewardSpec",
     "RolloutConfig",
     "RunConfig",
+    "SFTConfig",
+    "StageSpec",
     "TrainConfig",
     "from_dict",
     "load_config",
@@ -82,11 +85,12 @@ NoneType = type(None)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
-DATA_SOURCES = ("reasoning_gym", "jsonl")
+DATA_SOURCES = ("reasoning_gym", "jsonl", "toy")
 ANSWER_EXTRACTIONS = ("raw", "answer_tag", "boxed", "last_number")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 ADV_STD_SCOPES = ("group", "batch", "none")
 TIS_MODES = ("off", "clamp", "mask")
+STAGE_KINDS = ("sft", "dpo", "rm", "grpo", "rl")
 
 
 class ConfigError(ValueError):
@@ -125,11 +129,11 @@ class DataConfig:
     """Where prompts and reference answers come from and how prompts are built."""
 
     source: str = "reasoning_gym"
-    """reasoning_gym (procedurally generated tasks) | jsonl (a local file)."""
+    """reasoning_gym (procedurally generated tasks) | jsonl (a local file) | toy (built-in digit-string tasks)."""
     task: str = "basic_arithmetic"
-    """reasoning_gym task name (ignored for jsonl)."""
+    """reasoning_gym or toy task name (toy: copy, reverse, sort); ignored for jsonl."""
     task_kwargs: dict[str, Any] = field(default_factory=dict)
-    """Extra keyword arguments for the reasoning_gym task generator."""
+    """Extra keyword arguments for the reasoning_gym task generator (toy: length, alphabet, partial_credit)."""
     path: str | None = None
     """jsonl training file (required when source is jsonl)."""
     eval_path: str | None = None
@@ -258,6 +262,24 @@ class AlgoConfig:
     train.prompts_per_step groups remain (or max_sampling_tries batches were drawn)."""
     max_sampling_tries: int = 4
     """Cap on rollout batches drawn per step with dynamic_sampling."""
+    preference_loss: str = "dpo"
+    """``postrl dpo``: registered preference loss (dpo | ipo | cdpo | robust_dpo | simpo | orpo | kto | slic)."""
+    beta: float = 0.1
+    """Preference losses: beta of DPO/IPO/cDPO/robust DPO/KTO (IPO's tau) and SimPO's reward scale."""
+    label_smoothing: float = 0.0
+    """cdpo / robust_dpo: assumed label-flip rate eps in [0, 0.5); must be 0 for the other losses."""
+    simpo_gamma: float = 0.5
+    """simpo: target reward margin gamma (SimPO eq. 6)."""
+    orpo_lambda: float = 0.1
+    """orpo: weight lambda of the odds-ratio term added to the chosen NLL (ORPO eq. 6)."""
+    slic_delta: float = 1.0
+    """slic: hinge margin delta on the sequence log-likelihood difference."""
+    slic_lambda: float = 0.1
+    """slic: weight of the NLL regularizer on the chosen completion."""
+    kto_lambda_d: float = 1.0
+    """kto: weight lambda_D of desirable examples (KTO eq. 8)."""
+    kto_lambda_u: float = 1.0
+    """kto: weight lambda_U of undesirable examples (KTO eq. 8)."""
 
 
 @dataclass
@@ -322,6 +344,12 @@ class EvalConfig:
     """Maximum generated tokens; 0 = rollout.max_new_tokens."""
     batch_size: int = 64
     """Prompts decoded together during evaluation."""
+    n: int = 0
+    """Also sample n completions per held-out problem and report pass@k (0 = greedy accuracy only)."""
+    k: list[int] = field(default_factory=list)
+    """k values of pass@k (each <= n); empty = powers of two up to n."""
+    temperature: float = 1.0
+    """Sampling temperature of the pass@k samples."""
 
 
 @dataclass
@@ -341,6 +369,118 @@ class RunConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """Preference data and loops of ``postrl dpo`` and ``postrl rm`` (see docs/preference.md).
+
+    Batches count *pairs* (or unpaired examples for KTO): ``batch_size`` pairs per optimizer update,
+    ``micro_batch_size`` pairs per forward/backward (must divide ``batch_size``). Optimizer settings
+    (lr, schedule, betas, grad_clip, save_every, keep_checkpoints) come from ``train``; ``train.steps`` is
+    not used (updates = epochs x ceil(pairs / batch_size), per round when online).
+    """
+
+    path: str | None = None
+    """Pairs: a .jsonl or .parquet file, a ``datasets`` directory (save_to_disk) or data files, or a hub
+    dataset name (online only); None = synthetic pairs from ``data`` (chosen = the reference answer,
+    rejected = another example's different answer)."""
+    eval_path: str | None = None
+    """Held-out pairs (same formats); None = hold out ``eval_size`` pairs of ``path``."""
+    split: str = "train"
+    """Split of a ``datasets`` dataset to train on."""
+    eval_split: str | None = None
+    """Split of a ``datasets`` dataset for held-out pairs; None = hold out ``eval_size`` of ``split``."""
+    train_size: int = 0
+    """Training pairs to use; 0 = all."""
+    eval_size: int = 64
+    """Held-out pairs (when no eval_path / eval_split is given)."""
+    max_length: int = 512
+    """Maximum prompt + completion tokens; longer sequences are truncated (prompt from the left down to
+    max_prompt_length first, then the completion from the right) and counted."""
+    max_prompt_length: int = 256
+    """Maximum prompt tokens kept (from the end) when a sequence exceeds max_length; < max_length."""
+    batch_size: int = 8
+    """Pairs per optimizer update."""
+    micro_batch_size: int = 0
+    """Pairs per forward/backward (gradients accumulate); must divide batch_size; 0 = batch_size."""
+    epochs: int = 1
+    """Passes over the pairs (per round when online)."""
+    eval_batch_size: int = 16
+    """Pairs per forward pass for reference log-probs and held-out evaluation (memory knob only)."""
+    chat_template: bool = True
+    """Render plain-string pairs through the tokenizer's chat template (as ``postrl train`` renders prompts);
+    false = plain concatenation, as TRL does for non-conversational data. Conversational data always uses it."""
+    use_margin: bool = True
+    """``postrl rm``: subtract a per-pair ``margin`` field, when the data has one (Llama 2 style)."""
+    online: bool = False
+    """Online / iterative DPO: each round samples rollout.n completions for prompts of ``data``, ranks them
+    with ``rewards`` and trains on best-vs-worst pairs."""
+    rounds: int = 2
+    """Online: number of rounds."""
+    prompts_per_round: int = 16
+    """Online: prompts sampled per round (each gets rollout.n completions)."""
+    pair_selection: str = "best_worst"
+    """Online: best_worst (highest vs lowest reward; ties skipped) | rso (statistical rejection sampling,
+    Liu et al. 2023, then best vs worst of the accepted)."""
+    rso_beta: float = 0.5
+    """Online, rso: temperature beta of the target pi_r ~ pi exp(r / beta)."""
+    online_reference: str = "round"
+    """Online: reference = the policy at the start of each round (round, iterative DPO) or the initial model
+    (initial)."""
+
+
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning data and loop of ``postrl sft`` (see docs/sft-and-pipeline.md).
+
+    ``batch_size`` counts training rows per optimizer update: examples, or packed rows of up to
+    ``max_length`` tokens with ``packing``; ``micro_batch_size`` rows per forward/backward (must divide
+    it). Optimizer settings (lr, schedule, betas, grad_clip, save_every, keep_checkpoints) come from ``train``.
+    """
+
+    path: str | None = None
+    """Examples: .jsonl / .parquet file, a ``datasets`` directory (save_to_disk) or data file, or a hub dataset
+    name (online only). Formats: prompt+completion, messages, text. None = demonstrations built from ``data``
+    (prompt rendered as in ``postrl train``, completion = ``completion_template``)."""
+    eval_path: str | None = None
+    """Held-out examples (same formats); None = hold out ``eval_size`` examples of ``path``."""
+    split: str = "train"
+    """Split of a ``datasets`` dataset to train on."""
+    eval_split: str | None = None
+    """Split of a ``datasets`` dataset for held-out examples; None = hold out ``eval_size`` of ``split``."""
+    train_size: int = 0
+    """Training examples to use; 0 = all."""
+    eval_size: int = 64
+    """Held-out examples (when no eval_path / eval_split is given)."""
+    completion_template: str = "{answer}"
+    """With path None: the demonstration completion; ``{answer}`` is the example's reference answer."""
+    max_length: int = 512
+    """Maximum tokens per example; longer ones keep their first max_length tokens (the end of the completion
+    is cut) and are counted; an example with no completion token left is dropped and counted."""
+    packing: bool = False
+    """Pack several examples into rows of up to max_length tokens (no attention across examples)."""
+    batch_size: int = 8
+    """Rows (examples, or packed rows) per optimizer update."""
+    micro_batch_size: int = 0
+    """Rows per forward/backward (gradients accumulate); must divide batch_size; 0 = batch_size."""
+    epochs: int = 1
+    """Passes over the training rows."""
+    max_steps: int = 0
+    """Stop after this many optimizer updates; 0 = epochs x ceil(rows / batch_size)."""
+
+
+@dataclass
+class StageSpec:
+    """One stage of ``postrl pipeline``: a kind and the config changes for that stage."""
+
+    kind: str = "sft"
+    """sft | dpo | rm | grpo (= rl): which trainer runs the stage."""
+    name: str = ""
+    """Stage name used in its directory ``stages/NN-name``; empty = the kind."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """Overrides merged into the pipeline's config for this stage: nested sections ({train: {lr: 1e-4}}) or
+    dotted keys ({train.lr: 1e-4})."""
+
+
+@dataclass
 class Config:
     """The whole configuration tree."""
 
@@ -355,6 +495,10 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    stages: list[StageSpec] = field(default_factory=list)
+    """``postrl pipeline``: stages run in order, each from the previous stage's weights (docs/sft-and-pipeline.md)."""
 
     @property
     def rollout_batch_size(self) -> int:
@@ -775,6 +919,48 @@ def validate(cfg: Config) -> None:
           a.overlong_buffer, f"must be smaller than rollout.max_new_tokens ({r.max_new_tokens})")
     at_least("algo.overlong_penalty", a.overlong_penalty, 0)
     at_least("algo.max_sampling_tries", a.max_sampling_tries, 1)
+    check(a.beta > 0, "algo.beta", a.beta, "must be > 0")
+    check(0 <= a.label_smoothing < 0.5, "algo.label_smoothing", a.label_smoothing, "must be in [0, 0.5)")
+    check(a.label_smoothing == 0 or a.preference_loss in ("cdpo", "robust_dpo"), "algo.label_smoothing",
+          a.label_smoothing, f"is used only by preference_loss cdpo or robust_dpo (not {a.preference_loss!r}); set 0")
+    for key in ("orpo_lambda", "slic_delta", "slic_lambda", "kto_lambda_d", "kto_lambda_u"):
+        at_least(f"algo.{key}", getattr(a, key), 0)
+    pf = cfg.preference
+    for key in ("train_size", "eval_size"):
+        at_least(f"preference.{key}", getattr(pf, key), 0)
+    for key in ("max_length", "max_prompt_length", "batch_size", "epochs", "eval_batch_size", "rounds",
+                "prompts_per_round"):
+        at_least(f"preference.{key}", getattr(pf, key), 1)
+    check(pf.max_prompt_length < pf.max_length, "preference.max_prompt_length", pf.max_prompt_length,
+          f"must be smaller than preference.max_length ({pf.max_length}) to leave room for the completion")
+    at_least("preference.micro_batch_size", pf.micro_batch_size, 0, " (0 = preference.batch_size)")
+    if pf.batch_size >= 1 and pf.micro_batch_size >= 1 and pf.batch_size % pf.micro_batch_size:
+        errors.append(f"preference.micro_batch_size={pf.micro_batch_size} must divide preference.batch_size="
+                      f"{pf.batch_size} (pairs per update). Valid values: "
+                      f"{', '.join(map(str, _divisors(pf.batch_size)))}.")
+    _choice(errors, "preference.pair_selection", pf.pair_selection, ("best_worst", "rso"))
+    _choice(errors, "preference.online_reference", pf.online_reference, ("round", "initial"))
+    check(pf.rso_beta > 0, "preference.rso_beta", pf.rso_beta, "must be > 0")
+    sf = cfg.sft
+    for key in ("train_size", "eval_size", "max_steps"):
+        at_least(f"sft.{key}", getattr(sf, key), 0)
+    for key in ("max_length", "batch_size", "epochs"):
+        at_least(f"sft.{key}", getattr(sf, key), 1)
+    check("{answer}" in sf.completion_template, "sft.completion_template", sf.completion_template,
+          "must contain '{answer}' where the reference answer is inserted")
+    at_least("sft.micro_batch_size", sf.micro_batch_size, 0, " (0 = sft.batch_size)")
+    if sf.batch_size >= 1 and sf.micro_batch_size >= 1 and sf.batch_size % sf.micro_batch_size:
+        errors.append(f"sft.micro_batch_size={sf.micro_batch_size} must divide sft.batch_size={sf.batch_size} "
+                      f"(rows per update). Valid values: {', '.join(map(str, _divisors(sf.batch_size)))}.")
+    stage_names = []
+    for i, st in enumerate(cfg.stages):
+        _choice(errors, f"stages.{i}.kind", st.kind, STAGE_KINDS)
+        stage_names.append(st.name or st.kind)
+        check(bool(re.match(r"^[A-Za-z0-9_.-]+$", stage_names[-1])), f"stages.{i}.name", stage_names[-1],
+              "must be letters, digits, '_', '-' or '.' (it names the stage directory)")
+        check("stages" not in st.config, f"stages.{i}.config", "{stages: ...}", "a stage cannot contain stages")
+    for name in sorted({n for n in stage_names if stage_names.count(n) > 1}):
+        errors.append(f"stages: the name {name!r} is used by more than one stage; give each a distinct 'name'.")
 
     check(cfg.critic.lr > 0, "critic.lr", cfg.critic.lr, "must be > 0")
     at_least("critic.value_clip", cfg.critic.value_clip, 0, " (0 = off)")
@@ -821,6 +1007,11 @@ def validate(cfg: Config) -> None:
     at_least("eval.every", e.every, 0, " (0 = off)")
     at_least("eval.max_new_tokens", e.max_new_tokens, 0, " (0 = rollout.max_new_tokens)")
     at_least("eval.batch_size", e.batch_size, 1)
+    at_least("eval.n", e.n, 0, " (0 = greedy accuracy only)")
+    for i, k in enumerate(e.k):
+        check(1 <= k <= max(e.n, 1) and e.n > 0, f"eval.k.{i}", k,
+              f"must be in [1, eval.n={e.n}] (pass@k needs n >= k samples; set eval.n)")
+    check(e.temperature > 0, "eval.temperature", e.temperature, "must be > 0")
 
     # run
     check(bool(run.name), "run.name", run.name, "must not be empty")
