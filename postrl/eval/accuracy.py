@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from postrl.rollout.generator import Generator, SamplingParams
+from postrl.rollout.generator import Generator
 
 
 def greedy_eval(
@@ -20,28 +20,9 @@ def greedy_eval(
 
     Returns ``{"accuracy", "reward_mean", "response_len_mean", "n", "examples"}``
     where ``accuracy`` is the fraction scored exactly correct by the source
-    (``source.is_correct``) and ``examples`` holds the first few completions.
+    (score >= 1 - 1e-9, as ``source.is_correct``) and ``examples`` holds the first few completions.
+    The greedy part of :func:`postrl.eval.runner.heldout_eval` (one code path with ``postrl eval``).
     """
-    if not samples:
-        return {"accuracy": float("nan"), "reward_mean": float("nan"), "response_len_mean": 0.0, "n": 0, "examples": []}
-    was_training = generator.model.training
-    generator.model.eval()
-    try:
-        out = generator.generate([render(s) for s in samples], SamplingParams(max_new_tokens, temperature=0.0),
-                                 seed=0, batch_size=batch_size)
-    finally:
-        generator.model.train(was_training)
-    texts = tokenizer.batch_decode(
-        [ids[mask.bool()] for ids, mask in zip(out.completion_ids, out.completion_mask)], skip_special_tokens=True
-    )
-    correct = [source.is_correct(t, s) for t, s in zip(texts, samples)]
-    scores = [source.score(t, s) for t, s in zip(texts, samples)]
-    n = len(samples)
-    return {
-        "accuracy": sum(correct) / n,
-        "reward_mean": sum(scores) / n,
-        "response_len_mean": float(out.lengths.float().mean()),
-        "n": n,
-        "examples": [{"question": s.question, "answer": s.answer, "completion": t, "correct": c}
-                     for s, t, c in list(zip(samples, texts, correct))[:5]],
-    }
+    from postrl.eval.runner import heldout_eval
+
+    return heldout_eval(generator, tokenizer, source, samples, render, max_new_tokens, batch_size)

@@ -42,7 +42,7 @@ from postrl.models.value import ValueModel
 from postrl.config import Config, ConfigError, save_config
 from postrl.data import PromptSampler, build_messages, build_source, render_prompt
 from postrl.data.sources import CORRECT_EPS
-from postrl.eval import greedy_eval
+from postrl.eval.runner import flat_eval_metrics, heldout_eval
 from postrl.eval.report import append_samples, sample_log_record, should_log_samples, write_environment
 from postrl.models.loading import load_model_and_tokenizer
 from postrl.models.logprobs import completion_logprobs
@@ -81,6 +81,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def length_sorted_order(lengths: torch.Tensor) -> torch.Tensor:
+    """Positions that sort ``lengths [N]`` ascending (stable), so that consecutive micro batches hold
+    sequences of similar length and pad little. The gradient of a mini batch is the sum over its
+    micro batches, so the order changes it only by floating-point summation order."""
+    if lengths.dim() != 1:
+        raise ValueError(f"length_sorted_order expects a 1-D tensor of lengths, got shape {tuple(lengths.shape)}")
+    return torch.argsort(lengths, stable=True)
+
+
 def step_seed(seed: int, step: int) -> int:
     """Sampling seed of one step: a function of (run seed, step) only, so resume is exact."""
     return (seed * 1_000_003 + step * 7_919 + 17) % (2**62)
@@ -104,8 +113,8 @@ def build_data_source(cfg: Config):
     d = cfg.data
     common = dict(train_size=d.train_size, eval_size=d.eval_size, seed=cfg.resolved_data_seed,
                   answer_extraction=d.answer_extraction)
-    if d.source == "reasoning_gym":
-        return build_source("reasoning_gym", task=d.task, task_kwargs=dict(d.task_kwargs), **common)
+    if d.source in ("reasoning_gym", "toy"):
+        return build_source(d.source, task=d.task, task_kwargs=dict(d.task_kwargs), **common)
     return build_source(d.source, path=d.path, eval_path=d.eval_path, **common)
 
 
@@ -218,6 +227,7 @@ class RLTrainer:
     """Holds the pieces of one run; :meth:`fit` is the loop."""
 
     skip_zero_advantage = True  # exact compute saving, see update(); tests switch it off to compare
+    sort_micro_batches = True  # length-sorted micro batches in update() (same gradient up to summation order)
 
     def __init__(self, cfg: Config, resume: str | Path | None = None):
         self.cfg = cfg
@@ -301,8 +311,10 @@ class RLTrainer:
         return self._prompt_cache[key]
 
     def evaluate(self) -> dict[str, Any]:
-        return greedy_eval(self.generator, self.tokenizer, self.source, self.source.eval, self.render,
-                           self.cfg.resolved_eval_max_new_tokens, self.cfg.eval.batch_size)
+        e = self.cfg.eval  # greedy accuracy (+ pass@k with eval.n samples): the code of `postrl eval`
+        return heldout_eval(self.generator, self.tokenizer, self.source, self.source.eval, self.render,
+                            self.cfg.resolved_eval_max_new_tokens, e.batch_size, n=e.n, ks=e.k,
+                            temperature=e.temperature, seed=self.cfg.run.seed)
 
     def _truncate_metrics(self, step: int) -> None:
         """On resume, drop metric (and sample-log) lines written after the checkpoint (they will be re-run)."""
@@ -450,6 +462,7 @@ class RLTrainer:
         B, micro = len(prompts), cfg.train.micro_batch_size
         temp, pad = cfg.rollout.temperature, self.tokenizer.pad_token_id
         loss_mask = mask.float()
+        seq_lens = torch.tensor([len(p) for p in prompts]) + mask.sum(-1).cpu()  # prompt + completion tokens
         if a.overlong_filter:  # DAPO: truncated completions do not enter the loss
             loss_mask = overlong_filter_mask(loss_mask, gen.truncated.to(loss_mask.device))
 
@@ -515,6 +528,8 @@ class RLTrainer:
                 else:
                     p.grad.zero_()
             finite = True
+            if self.sort_micro_batches:  # similar lengths share a micro batch: less padding, same gradient sum
+                mb = mb[length_sorted_order(seq_lens[mb])]
             for mstart in range(0, len(mb), micro):
                 idx = mb[mstart:mstart + micro]
                 width = max(1, int(mask[idx].sum(-1).max()))
@@ -643,6 +658,11 @@ class RLTrainer:
                     self.state.consecutive_nonfinite = 0
                 self.state.step = step + 1
                 record = self._metrics(batch, upd, t_gen, t_step)
+                if cfg.eval.every and self.state.step % cfg.eval.every == 0 and self.state.step < cfg.train.steps:
+                    ev = self.evaluate()  # logged with the step's metrics as eval/* keys, and in results.json
+                    record.update(flat_eval_metrics(ev))
+                    self.state.results.setdefault("eval_during", []).append({"step": self.state.step, **ev})
+                    progress.write(f"[eval] step {self.state.step}: accuracy {ev['accuracy']:.3f}")
                 with open(self.metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 progress.update(record)
@@ -655,10 +675,6 @@ class RLTrainer:
                         f"{self.state.consecutive_nonfinite} steps in a row had a non-finite loss or gradient "
                         f"(last at step {self.state.step}); stopping. Last good checkpoint: "
                         f"{last if last else 'none written yet'}. Try a lower train.lr or train.grad_clip.")
-                if cfg.eval.every and self.state.step % cfg.eval.every == 0 and self.state.step < cfg.train.steps:
-                    ev = self.evaluate()
-                    self.state.results.setdefault("eval_during", []).append({"step": self.state.step, **ev})
-                    progress.write(f"[eval] step {self.state.step}: accuracy {ev['accuracy']:.3f}")
                 self.state.wall_time_s = wall_before + time.time() - t_start
                 if cfg.train.save_every and self.state.step % cfg.train.save_every == 0:
                     self.save()

@@ -1,0 +1,102 @@
+"""``postrl eval --model M [--model M2 ...] --task SPEC --n 64 --k 1,2,4,...``: pass@k, maj@k and friends.
+
+See docs/evaluation.md for every metric's definition and the output files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+HELP = "evaluate models on a task: pass@k, maj@k, greedy accuracy, reward, length, diversity, with bootstrap CIs"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action="append", required=True, metavar="PATH_OR_ID",
+                   help="hub id, model directory, or a `postrl train` run directory (its latest checkpoint); "
+                        "repeat to compare models side by side")
+    p.add_argument("--task", metavar="SPEC",
+                   help="reasoning-gym 'NAME[:size=100,seed=0,KWARG=V]', a JSONL file 'file.jsonl[:size=N]', or "
+                        "'champ[:size=N,category=C]'; default: the held-out set of the first --model that is a "
+                        "run directory")
+    p.add_argument("--n", type=int, default=64, help="samples per problem (default 64)")
+    p.add_argument("--k", default=None, help="comma-separated k values (default: powers of two up to n)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0 = off)")
+    p.add_argument("--max-new-tokens", type=int, default=0,
+                   help="generation budget (default: 512 for champ, the run's eval budget for a run's held-out "
+                        "set, else 64)")
+    p.add_argument("--out", metavar="DIR",
+                   help="output directory (default: a new RUN_DIR/eval[-N] when the first run-directory --model is "
+                        "RUN_DIR, else a new runs/eval[-N]); a training run directory gets its eval/ subdirectory")
+    p.add_argument("--batch-size", type=int, default=256, help="sequences decoded together (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling, maj@k subsets and the bootstrap")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs (default 1000)")
+    p.add_argument("--maj-subsets", type=int, default=32, help="random k-subsets averaged for maj@k (default 32)")
+    p.add_argument("--no-greedy", action="store_true", help="skip the greedy-decoding accuracy")
+    p.add_argument("--answer-extraction", choices=("raw", "answer_tag", "boxed", "last_number"),
+                   help="how answers are pulled from completions (default: the task's)")
+    p.add_argument("--prompt-template", help="user message with a {question} placeholder (default: the task's)")
+    p.add_argument("--system-prompt", help="system message (default: the task's, usually none)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+
+
+def _task(args):
+    from postrl.config import load_config
+    from postrl.eval.runner import EvalError, resolve_model
+    from postrl.eval.tasks import build_task, task_from_run_config
+
+    if args.task:
+        return build_task(args.task, args.answer_extraction, args.prompt_template, args.system_prompt)
+    for spec in args.model:
+        run_dir = resolve_model(spec)[1]
+        if run_dir is not None and (run_dir / "config.yaml").is_file():
+            cfg = load_config(run_dir / "config.yaml", [])
+            for attr, value in (("answer_extraction", args.answer_extraction),
+                                ("prompt_template", args.prompt_template), ("system_prompt", args.system_prompt)):
+                if value is not None:
+                    setattr(cfg.data, attr, value)
+            return task_from_run_config(cfg, f"run:{run_dir}")
+    raise EvalError("--task is required unless a --model is a `postrl train` run directory (whose held-out set "
+                    "is then used); e.g. --task basic_arithmetic:size=100 or --task champ")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from postrl.config import ConfigError
+    from postrl.eval.metrics import parse_ks, powers_of_two_up_to
+    from postrl.eval.runner import EvalError, EvalSettings, format_table, run_eval
+
+    try:
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        try:
+            ks = parse_ks(args.k) if args.k else powers_of_two_up_to(max(1, args.n))
+        except ValueError as exc:
+            raise EvalError(f"--k {args.k}: {exc}") from None
+        settings = EvalSettings(n=args.n, ks=ks, temperature=args.temperature, top_p=args.top_p,
+                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+                                bootstrap=args.bootstrap, maj_subsets=args.maj_subsets, greedy=not args.no_greedy,
+                                device=args.device, dtype=args.dtype)
+        settings.validate()  # before the (possibly slow) task and models are built
+        task = _task(args)
+        out_dir, result = run_eval(args.model, task, settings, args.out)
+    except (EvalError, ConfigError) as exc:
+        print(f"postrl: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, RuntimeError, OSError) as exc:
+        if type(exc).__name__ in ("DataError", "TaskSpecError", "ModelLoadError"):
+            print(f"postrl: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+    print()
+    print(f"task {result['task_name']}: {result['num_problems']} problems, n = {settings.n} samples each, "
+          f"temperature {settings.temperature}; values with 95% bootstrap CIs over problems")
+    print(format_table(result["models"]))
+    for name in ("eval.json", "samples.jsonl", "pass_at_k.png"):
+        print(f"{name}: {Path(out_dir) / name}")
+    return 0
