@@ -2,6 +2,8 @@
 
 import math
 
+import re
+
 import pytest
 import yaml
 from conftest import read_metrics
@@ -88,7 +90,8 @@ def test_every_recipe_loads_and_names_its_paper():
     for path in recipes:
         cfg = load_config(path)
         text = path.read_text()
-        assert "arXiv" in text or path.stem == "quickstart", f"{path.name} must cite its paper"
+        assert re.search(r"arXiv:\d{4}\.\d{4,5}|et al\. 20\d\d|\b\w+ 20\d\d, \"", text) or path.stem == "quickstart", \
+            f"{path.name} must cite its paper"
         assert yaml.safe_load(text)  # parses
         assert cfg.algo.advantage and cfg.algo.policy_loss
 
@@ -109,7 +112,9 @@ def test_incompatible_pieces_fail_at_start_up(tiny_config, combo):
 
 
 RECIPES_DIR = __import__("pathlib").Path(__file__).parent.parent / "postrl" / "recipes"
-METHOD_RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if p.stem != "quickstart")
+# RL recipes (postrl train); those with a preference/sft/stages section belong to postrl dpo / rm / sft / pipeline
+METHOD_RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if p.stem != "quickstart"
+                        and not {"preference", "sft", "stages"} & set(yaml.safe_load(p.read_text())))
 
 
 def _recipe_method_overrides(name: str) -> list[str]:
@@ -131,6 +136,8 @@ def test_every_recipe_learns_the_toy_task(tiny_config, name):
            "train.steps=150", "run.seed=0", "run.threads=2", "algo.overlong_buffer=0"]
     if name == "remax":  # unnormalised advantages r - r_greedy in {-1, 0, 1}: smaller steps, more of them
         toy += ["train.steps=250"]
+    if name == "reinforce_pp":  # batch-normalised advantages, no per-prompt baseline: noisier, ~0.9 at step 150
+        toy += ["train.steps=200"]  # seeds 0/1/2: last-10 mean reward 0.930 / 0.918 / 0.998
     run_dir, _ = train(tiny_config(*method, *toy))
     rows = read_metrics(run_dir)
     first = sum(r["reward_mean"] for r in rows[:5]) / 5
