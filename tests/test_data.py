@@ -1,5 +1,6 @@
 import json
 import threading
+from collections import Counter
 
 import pytest
 
@@ -242,6 +243,78 @@ def test_build_source_errors():
         build_source("jsonl", path="x", task="basic_arithmetic")
     src = build_source("reasoning_gym", task="basic_arithmetic", task_kwargs=RG_KWARGS, train_size=2, eval_size=1, seed=0, answer_extraction="raw")
     assert isinstance(src, ReasoningGymSource) and len(src.train) == 2
+
+
+# ----------------------------------------------------------------------------- toy tasks
+
+
+@pytest.mark.parametrize("task,question,answer", [("copy", "copy 4821", "4821"), ("reverse", "reverse 4821", "1284"),
+                                                   ("sort", "sort 4821", "1248")])
+def test_toy_tasks_answers(task, question, answer):
+    src = build_source("toy", task=task, task_kwargs={"length": 4}, train_size=300, eval_size=50, seed=3)
+    assert len(src.train) == 300 and len(src.eval) == 50
+    for s in src.train + src.eval:
+        digits = s.question.split(" ")[1]
+        assert s.question == f"{task} {digits}" and len(digits) == 4
+        expected = {"copy": digits, "reverse": digits[::-1], "sort": "".join(sorted(digits))}[task]
+        assert s.answer == expected
+    fake = Sample(question=question, answer=answer)
+    assert src.score(answer, fake) == 1.0 and src.is_correct(f" {answer}\n", fake)
+
+
+def test_toy_split_is_disjoint_deterministic_and_scored_by_position():
+    src = build_source("toy", task="sort", task_kwargs={"length": 4}, train_size=1000, eval_size=200, seed=0)
+    train_q, eval_q = {s.question for s in src.train}, {s.question for s in src.eval}
+    assert len(train_q) == 1000 and len(eval_q) == 200 and not train_q & eval_q
+    assert not {s.answer for s in src.train} & {s.answer for s in src.eval}  # no held-out permutation is trained on
+    again = build_source("toy", task="sort", task_kwargs={"length": 4}, train_size=1000, eval_size=200, seed=0)
+    assert [s.question for s in again.train] == [s.question for s in src.train]
+    assert [s.question for s in build_source("toy", task="sort", task_kwargs={"length": 4}, train_size=5,
+                                             eval_size=5, seed=1).eval] != [s.question for s in src.eval[:5]]
+    s = Sample(question="sort 8421", answer="1248")
+    assert src.score("1248", s) == 1.0
+    assert src.score("1249", s) == 0.75 and not src.is_correct("1249", s)
+    assert src.score("124", s) == 0.75 and src.score("12488", s) == 0.8 and src.score("", s) == 0.0
+    binary = build_source("toy", task="sort", task_kwargs={"length": 4, "partial_credit": False}, train_size=1,
+                          eval_size=1, seed=0)
+    assert binary.score("1249", s) == 0.0 and binary.score("1248", s) == 1.0
+
+
+def test_toy_near_miss_is_the_answer_to_a_prompt_one_symbol_off():
+    src = build_source("toy", task="sort", task_kwargs={"length": 4}, train_size=200, eval_size=50, seed=0)
+    for s in src.train + src.eval:
+        rejected = s.metadata["rejected"]
+        assert rejected != s.answer and rejected == "".join(sorted(rejected))  # a sorted string, but wrong
+        assert sum((Counter(s.answer) - Counter(rejected)).values()) == 1  # exactly one symbol differs
+    rev = build_source("toy", task="reverse", task_kwargs={"length": 5}, train_size=50, eval_size=10, seed=0)
+    for s in rev.train:
+        assert sum(a != b for a, b in zip(s.answer, s.metadata["rejected"])) == 1
+
+
+def test_toy_synthetic_pairs_use_the_near_miss():
+    from postrl.data.pairs import synthetic_pairs
+
+    src = build_source("toy", task="reverse", task_kwargs={"length": 3}, train_size=20, eval_size=5, seed=0)
+    pairs = synthetic_pairs(src.train)
+    assert len(pairs) == 20
+    for p, s in zip(pairs, src.train):
+        assert p.prompt == [{"role": "user", "content": s.question}]
+        assert p.chosen[0]["content"] == s.answer and p.rejected[0]["content"] == s.metadata["rejected"]
+
+
+def test_toy_errors():
+    with pytest.raises(DataError, match="unknown toy task 'revrese'. Did you mean 'reverse'.*copy, reverse, sort"):
+        build_source("toy", task="revrese")
+    with pytest.raises(DataError, match="unknown task_kwargs 'digits'; valid: length, alphabet, partial_credit"):
+        build_source("toy", task="copy", task_kwargs={"digits": 3})
+    with pytest.raises(DataError, match="length must be an int >= 1"):
+        build_source("toy", task="copy", task_kwargs={"length": 0})
+    with pytest.raises(DataError, match="alphabet must be a string of at least 2 distinct"):
+        build_source("toy", task="copy", task_kwargs={"alphabet": "aa"})
+    with pytest.raises(DataError, match="only 100 distinct strings of length 2"):
+        build_source("toy", task="copy", task_kwargs={"length": 2}, train_size=90, eval_size=20)
+    with pytest.raises(DataError, match="whose answers differ from the held-out answers"):
+        build_source("toy", task="sort", task_kwargs={"length": 2}, train_size=90, eval_size=10)
 
 
 def test_bad_answer_extraction():

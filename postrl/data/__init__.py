@@ -1,4 +1,4 @@
-"""Prompt-source layer: samples, sources (reasoning-gym / JSONL), answer extraction, prompt rendering."""
+"""Prompt-source layer: samples, sources (reasoning-gym / JSONL / toy), answer extraction, prompt rendering."""
 
 from .answers import ANSWER_MODES, extract_answer
 from .prompts import DEFAULT_PROMPT_TEMPLATE, build_messages, has_chat_template, render_plain, render_prompt, render_prompt_text
@@ -13,6 +13,7 @@ from .sources import (
     build_source,
     math_verify_score,
 )
+from .toy import TOY_TASKS, ToySource
 
 __all__ = [
     "ANSWER_MODES",
@@ -24,6 +25,8 @@ __all__ = [
     "PromptSource",
     "ReasoningGymSource",
     "Sample",
+    "TOY_TASKS",
+    "ToySource",
     "build_messages",
     "build_source",
     "extract_answer",

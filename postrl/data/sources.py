@@ -336,15 +336,24 @@ def math_verify_score(gold: str, predicted: str) -> float:
     """1.0 if ``predicted`` is mathematically equivalent to ``gold`` per math-verify, else 0.0.
 
     Plain numbers ("42", "0.5") and LaTeX ("\\frac{1}{2}", "$x^2$") both work. Never raises.
+    Results are memoized per (gold, predicted): RL samples the same short answers over and over,
+    and parsing dominates the cost of a step on small models.
     """
+    gold, predicted = str(gold), str(predicted)
+    if len(predicted) > 512:  # long texts: not memoized (bounded cache memory)
+        return _math_verify_cached.__wrapped__(gold, predicted, _mv_timeout())
+    return _math_verify_cached(gold, predicted, _mv_timeout())
+
+
+@functools.lru_cache(maxsize=65536)
+def _math_verify_cached(gold: str, predicted: str, timeout: Optional[int]) -> float:
     try:
         from math_verify import verify
 
-        timeout = _mv_timeout()
-        g = _mv_parse_gold_cached(str(gold), timeout)
+        g = _mv_parse_gold_cached(gold, timeout)
         if not g:
             return 0.0
-        p = _mv_parse(str(predicted), timeout)
+        p = _mv_parse(predicted, timeout)
         if not p:
             return 0.0
         return 1.0 if verify(g, p, timeout_seconds=timeout) else 0.0
@@ -459,14 +468,17 @@ class JsonlSource(PromptSource):
 # factory
 # --------------------------------------------------------------------------------------
 
+from .toy import ToySource  # noqa: E402  (built on PromptSource above)
+
 SOURCES = {
     "reasoning_gym": ReasoningGymSource,
     "jsonl": JsonlSource,
+    "toy": ToySource,
 }
 
 
 def build_source(source: str, **kwargs: Any) -> PromptSource:
-    """Build a prompt source by name: ``"reasoning_gym"`` or ``"jsonl"``.
+    """Build a prompt source by name: ``"reasoning_gym"``, ``"jsonl"`` or ``"toy"``.
 
     kwargs are passed to the source's constructor (see :class:`ReasoningGymSource` and
     :class:`JsonlSource`); unknown kwargs raise DataError.

@@ -152,6 +152,42 @@ def convert_gguf_to_cache(cache_dir: Path | None = None) -> Path:
     return target
 
 
+TINY_CHARS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ +-*/=?.:,()<>\n"
+TINY_KEYS = ("seed", "hidden_size", "num_layers", "num_heads")
+
+
+def tiny_model_from_spec(spec: str, cache_dir: str | Path | None = None) -> Path:
+    """Directory of the tiny random Llama named by ``spec`` (built once under the cache directory, no download).
+
+    ``spec`` is ``tiny`` or ``tiny:key=value,...`` with keys seed, hidden_size, num_layers, num_heads (the
+    defaults of :func:`postrl.models.tiny.build_tiny_model`); the character tokenizer covers digits, letters,
+    space, newline and ``+-*/=?.:,()<>``. For smoke runs and recipes that must work offline.
+    """
+    from postrl.models.tiny import build_tiny_model
+
+    body = spec.partition(":")[2].strip()
+    kwargs: dict[str, int] = {}
+    for item in filter(None, (x.strip() for x in body.split(","))):
+        key, _, value = item.partition("=")
+        if key not in TINY_KEYS or not value.strip().isdigit():
+            raise ModelLoadError(f"model.name_or_path={spec!r}: bad tiny model option {item!r}; use tiny or "
+                                 f"tiny:key=N,... with keys {', '.join(TINY_KEYS)} (e.g. tiny:seed=1,hidden_size=64).")
+        kwargs[key] = int(value)
+    name = "tiny-" + "-".join(f"{k}{v}" for k, v in sorted(kwargs.items())) if kwargs else "tiny-default"
+    target = Path(cache_dir or default_cache_dir()) / "models" / name
+    if not (target / "config.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+        try:
+            build_tiny_model(tmp, chars=TINY_CHARS, **kwargs)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (target / "config.json").is_file():
+                raise
+    return target
+
+
 def load_model_and_tokenizer(
     name_or_path: str = DEFAULT_MODEL_ID,
     *,
@@ -180,6 +216,8 @@ def load_model_and_tokenizer(
             tokenizer.pad_token = tokenizer.eos_token
         return model.to(dev), tokenizer, source
 
+    if name_or_path == "tiny" or name_or_path.startswith("tiny:"):
+        name_or_path = str(tiny_model_from_spec(name_or_path, cache))
     if Path(name_or_path).expanduser().exists():
         path = str(Path(name_or_path).expanduser())
         if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
