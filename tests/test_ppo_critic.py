@@ -69,11 +69,22 @@ def test_ppo_with_critic_learns_the_copy_task(tiny_config):
     assert sum(r["values_mean"] for r in rows[-10:]) / 10 > 0.5  # V(s) learned the high success rate
 
 
-def test_critic_value_loss_falls_while_the_policy_is_frozen(tiny_config):
-    """During warm-up the data distribution is fixed, so the critic's regression loss must go down."""
-    cfg = tiny_config(*PPO, "critic.warmup_steps=20", "train.steps=20", "rollout.n=8", "train.prompts_per_step=8",
-                      "train.micro_batch_size=64", "rollout.max_new_tokens=2", "critic.lr=3e-3")
-    run_dir, _ = train(cfg)
-    losses = [r["value_loss"] for r in read_metrics(run_dir)]
-    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
-    assert last < 0.5 * first, (first, last)
+def test_critic_value_loss_falls_on_a_fixed_batch(tiny_config):
+    """The critic's regression through the trainer's own update_critic: on a fixed batch whose returns depend
+    on the prompt (1 for even digits, 0 for odd), repeated updates drive the value loss far down.
+
+    (Fresh rollouts of a frozen chance-level policy are no test of this: with ~2% successes the loss of
+    any predictor stays near p(1 - p), so its trajectory is noise.)"""
+    from postrl.trainer.rl import RLTrainer
+
+    trainer = RLTrainer(tiny_config(*PPO, "critic.value_clip=0", "critic.lr=3e-3"))  # rollout batch 4 x 4 = 16
+    tok = trainer.tokenizer
+    prompts = [tok(f"copy {d}")["input_ids"] for d in range(8)] * 2
+    ids = torch.tensor([[tok(str(d))["input_ids"][-1], tok.eos_token_id] for d in range(8)] * 2)
+    mask = torch.ones_like(ids)
+    target = torch.tensor([float(d % 2 == 0) for d in range(8)] * 2)[:, None].expand(-1, 2).contiguous()
+    zeros = torch.zeros_like(target)
+    losses = [trainer.update_critic(prompts, ids, mask, mask.float(), zeros, target, step)["value_loss"]
+              for step in range(30)]
+    assert losses[0] == pytest.approx(0.25, abs=0.02)  # zero-initialised head: 0.5 * mean(R^2) = 0.5 * 0.5
+    assert sum(losses[-3:]) / 3 < 0.1 * losses[0], losses
