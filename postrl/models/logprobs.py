@@ -49,11 +49,21 @@ def completion_logprobs(
                    use_cache=False, logits_to_keep=T + 1).logits[:, :-1, :].float()
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
+    mask = completion_mask.to(logits.dtype)
+    if not with_entropy:
+        return token_logprobs(logits, completion_ids) * mask, None
     logp = torch.log_softmax(logits, dim=-1)
     token_logp = logp.gather(-1, completion_ids[..., None]).squeeze(-1)
-    mask = completion_mask.to(token_logp.dtype)
-    entropy = None
-    if with_entropy:
-        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-            entropy = -(logp.exp() * logp).sum(-1) * mask
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        entropy = -(logp.exp() * logp).sum(-1) * mask
     return token_logp * mask, entropy
+
+
+def token_logprobs(logits: Tensor, token_ids: Tensor) -> Tensor:
+    """``log softmax(logits)[token]`` as ``logits[token] - logsumexp(logits)``.
+
+    Equal to gathering from ``log_softmax`` but without materializing the ``[..., V]`` log-prob
+    tensor (nor its backward): only the logits are kept for the gradient.
+    Shapes: ``logits [..., V]``, ``token_ids [...]`` -> ``[...]``.
+    """
+    return logits.gather(-1, token_ids[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)

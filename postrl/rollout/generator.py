@@ -14,6 +14,75 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class PreallocatedLayer(DynamicLayer):
+    """One layer's KV cache in buffers allocated once for the whole generation.
+
+    ``DynamicLayer`` concatenates every new key/value onto the cache, copying the whole cache at each
+    decode step (quadratic in length); here each step writes only its new token into a preallocated
+    ``[B, heads, capacity, head_dim]`` buffer and attention reads a view of the filled part. Dropping
+    finished rows copies only the filled part of the kept rows. The values are identical to a
+    ``DynamicLayer``'s (same tensors, other storage).
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = int(capacity)
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, _, _ = key_states.shape
+        self._k = key_states.new_empty((b, h, self.capacity, key_states.shape[-1]))
+        self._v = value_states.new_empty((b, value_states.shape[1], self.capacity, value_states.shape[-1]))
+        self.length = 0
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise ValueError(f"PreallocatedLayer: {end} tokens do not fit the capacity {self.capacity}")
+        self._k[:, :, self.length:end] = key_states
+        self._v[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = self._k[:, :, :end], self._v[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        for name in ("_k", "_v"):
+            old = getattr(self, name)
+            new = old.new_empty((len(indices),) + tuple(old.shape[1:]))
+            new[:, :, :self.length] = old[indices, :, :self.length]
+            setattr(self, name, new)
+        self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
+
+def preallocated_cache(num_layers: int, capacity: int) -> Cache:
+    """A transformers ``Cache`` of :class:`PreallocatedLayer` s holding up to ``capacity`` tokens per row."""
+    return Cache(layers=[PreallocatedLayer(capacity) for _ in range(num_layers)])
+
+
+def sample_inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Draw one token per row of ``probs [B, V]`` by inverting its cumulative distribution.
+
+    Token ``i`` is chosen when ``u * total`` falls in ``[cdf[i-1], cdf[i])`` (``u`` uniform in [0, 1),
+    ``uniforms [B]``), which has probability ``p_i / total``: the same distribution as
+    ``torch.multinomial(probs, 1)``, from one random number per row instead of one per vocabulary
+    entry (multinomial draws an exponential variate for each of the V entries). A token of
+    probability 0 is never chosen.
+    """
+    cdf = probs.cumsum(-1)
+    target = uniforms[:, None].to(cdf.dtype) * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
 
 
 @dataclass
@@ -81,6 +150,23 @@ def left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[
     return ids.to(device), mask.to(device)
 
 
+def unique_rows(prompts: list[list[int]]) -> tuple[list[int], list[int]]:
+    """First position of each distinct prompt, and for every prompt the index of its distinct prompt.
+
+    ``[[1, 2], [3], [1, 2]] -> ([0, 1], [0, 1, 0])``: ``prompts[first[expand[i]]] == prompts[i]``.
+    """
+    index: dict[tuple[int, ...], int] = {}
+    first: list[int] = []
+    expand: list[int] = []
+    for i, p in enumerate(prompts):
+        key = tuple(p)
+        if key not in index:
+            index[key] = len(first)
+            first.append(i)
+        expand.append(index[key])
+    return first, expand
+
+
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Set logits outside the top-k / nucleus (top-p) set to -inf. ``logits``: ``[B, V]``."""
     if top_k and 0 < top_k < logits.shape[-1]:
@@ -99,11 +185,19 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 class Generator:
     """Samples completions from ``model`` (an HF causal LM) for token-id prompts."""
 
-    def __init__(self, model, eos_token_ids: int | list[int], pad_token_id: int):
+    def __init__(self, model, eos_token_ids: int | list[int], pad_token_id: int, kv_cache: str = "preallocated",
+                 sampler: str = "inverse_cdf", share_prefill: bool = True):
         self.model = model
         eos = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
         self.eos = torch.tensor(eos, dtype=torch.long)
         self.pad_id = int(pad_token_id)
+        if kv_cache not in ("preallocated", "dynamic"):
+            raise ValueError(f"kv_cache={kv_cache!r}: use 'preallocated' (written in place) or 'dynamic' "
+                             "(transformers' DynamicCache, concatenated at each step)")
+        if sampler not in ("inverse_cdf", "multinomial"):
+            raise ValueError(f"sampler={sampler!r}: use 'inverse_cdf' (one uniform per row) or 'multinomial'")
+        self.kv_cache, self.sampler = kv_cache, sampler
+        self.share_prefill = bool(share_prefill)
 
     @torch.inference_mode()
     def generate(
@@ -139,28 +233,51 @@ class Generator:
         out_ent = torch.zeros((B, T), dtype=torch.float32, device=device)
         eos = self.eos.to(device)
         active = torch.arange(B, device=device)  # rows of the full batch still decoding
-        cache = DynamicCache()
+        num_layers = getattr(self.model.config, "num_hidden_layers", None)
+        cache = (preallocated_cache(num_layers, ids.shape[1] + T) if self.kv_cache == "preallocated" and num_layers
+                 else DynamicCache())
         positions = (attn.cumsum(-1) - 1).clamp(min=0)
         step_ids, step_pos = ids, positions
+        # A GRPO group repeats each prompt n times: prefill each distinct prompt once and copy its KV rows
+        # (prefix sharing). Same cache values and next-token logits, 1/n of the prefill FLOPs.
+        first, expand = unique_rows(prompts) if self.share_prefill else (None, None)
+        if first is not None and len(first) == B:
+            first = None
         steps = 0
         for t in range(T):
-            logits = self.model(
-                input_ids=step_ids, attention_mask=attn, position_ids=step_pos,
-                past_key_values=cache, use_cache=True, logits_to_keep=1,
-            ).logits[:, -1, :].float()
+            if t == 0 and first is not None:
+                sel = torch.tensor(first, device=device)
+                logits = self.model(
+                    input_ids=ids[sel], attention_mask=attn[sel], position_ids=positions[sel],
+                    past_key_values=cache, use_cache=True, logits_to_keep=1,
+                ).logits[:, -1, :].float()
+                rows = torch.tensor(expand, device=device)
+                logits = logits[rows]
+                cache.batch_select_indices(rows)
+            else:
+                logits = self.model(
+                    input_ids=step_ids, attention_mask=attn, position_ids=step_pos,
+                    past_key_values=cache, use_cache=True, logits_to_keep=1,
+                ).logits[:, -1, :].float()
             steps += 1
             if params.temperature > 0:
                 logits = logits / params.temperature
                 logp_full = torch.log_softmax(logits, dim=-1)
-                probs = filter_logits(logits, params.top_k, params.top_p).softmax(-1)
-                tok = torch.multinomial(probs, 1, generator=rng).squeeze(-1)
+                p_full = logp_full.exp()
+                truncate = params.top_k > 0 or params.top_p < 1.0
+                probs = filter_logits(logits, params.top_k, params.top_p).softmax(-1) if truncate else p_full
+                if self.sampler == "inverse_cdf":
+                    tok = sample_inverse_cdf(probs, torch.rand(probs.shape[0], generator=rng, device=device))
+                else:
+                    tok = torch.multinomial(probs, 1, generator=rng).squeeze(-1)
             else:
                 logp_full = torch.log_softmax(logits, dim=-1)
+                p_full = logp_full.exp()
                 tok = logits.argmax(-1)
             out_ids[active, t] = tok
             out_mask[active, t] = 1
             out_lp[active, t] = logp_full.gather(-1, tok[:, None]).squeeze(-1)
-            out_ent[active, t] = -(logp_full.exp() * logp_full).sum(-1)
+            out_ent[active, t] = -(p_full * logp_full).sum(-1)
             done = torch.isin(tok, eos)
             keep = ~done
             if not bool(keep.any()):
