@@ -3,54 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from postrl.commands._common import RECIPES, add_run_arguments, run_trainer
 
 HELP = "preference optimization: DPO, IPO, cDPO, robust DPO, SimPO, ORPO, KTO, SLiC; offline or online"
 ACCEPTS_OVERRIDES = True
 
 
-def _config_path(args: argparse.Namespace) -> tuple[str | None, list[str]]:
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config and not Path(config).exists():
-        overrides.insert(0, config)
-        config = None
-    if config is None and args.resume:
-        saved = Path(args.resume) / "config.yaml"
-        config = str(saved) if saved.is_file() else None
-    return config, overrides
-
-
-def run_command(args: argparse.Namespace, entry: str, default_recipe: str, summary) -> int:
-    """Shared by ``postrl dpo`` and ``postrl rm``: load the config, run ``entry``, print the summary."""
-    import importlib
-
-    from postrl.commands.train import RECIPES
-    from postrl.config import ConfigError, load_config
-    from postrl.trainer.rl import TrainingError
-
-    config, overrides = _config_path(args)
-    path = Path(config) if config else RECIPES / default_recipe
-    module, _, fn = entry.rpartition(".")
-    try:
-        cfg = load_config(path, overrides)
-        run_dir, results = getattr(importlib.import_module(module), fn)(cfg, resume=args.resume)
-    except (ConfigError, TrainingError) as exc:
-        print(f"postrl: error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, RuntimeError, OSError) as exc:
-        if type(exc).__name__ in ("DataError", "ModelLoadError"):
-            print(f"postrl: error: {exc}", file=sys.stderr)
-            return 2
-        raise
-    if results.get("interrupted"):
-        return 130
-    summary(results)
-    print(f"run directory: {run_dir}")
-    return 0
-
-
-def _summary(results: dict) -> None:
+def _summary(run_dir: Path, results: dict) -> None:
     before, after = results.get("eval_before") or {}, results.get("eval_after") or {}
     if not before.get("n") or not after.get("n"):
         return
@@ -70,10 +31,10 @@ def _summary(results: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_command(args, "postrl.trainer.preference.train_dpo", "dpo.yaml", _summary)
+    from postrl.trainer.preference import train_dpo
+
+    return run_trainer(args, train_dpo, RECIPES / "dpo.yaml", _summary)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="YAML config (recipe); default: recipes/dpo.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algo.beta=0.2 preference.path=pairs.jsonl")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    add_run_arguments(p, "recipes/dpo.yaml", "algo.beta=0.2 preference.path=pairs.jsonl")

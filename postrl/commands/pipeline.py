@@ -3,41 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from postrl.commands._common import RECIPES, run_trainer
 
 HELP = "run named stages in order (e.g. sft -> dpo -> grpo), each from the previous stage's weights"
 ACCEPTS_OVERRIDES = True
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-
 
 def run(args: argparse.Namespace) -> int:
-    from postrl.commands.sft import resolve_config
-    from postrl.config import ConfigError, load_config
-    from postrl.data.sources import DataError
-    from postrl.trainer import TrainingError
-    from postrl.trainer.pipeline import format_table, run_pipeline
+    from postrl.trainer.pipeline import run_pipeline
 
-    path, overrides = resolve_config(args.config, list(args.overrides), args.resume, RECIPES / "pipeline_tiny.yaml")
-    try:
-        cfg = load_config(path, overrides)
-        run_dir, results = run_pipeline(cfg, resume=args.resume)
-    except (ConfigError, TrainingError, DataError) as exc:
-        print(f"postrl: error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, RuntimeError, OSError) as exc:
-        if type(exc).__name__ == "ModelLoadError":
-            print(f"postrl: error: {exc}", file=sys.stderr)
-            return 2
-        raise
-    if results.get("interrupted"):
-        return 130
+    return run_trainer(args, run_pipeline, RECIPES / "pipeline_tiny.yaml", _summary)
+
+
+def _summary(run_dir: Path, results: dict) -> None:
+    from postrl.trainer.pipeline import format_table
+
     print()
     print(format_table(results))
     print(f"final model: {results.get('final_model')}")
-    print(f"run directory: {run_dir}")
-    return 0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from postrl.commands.dpo import run_command
+from postrl.commands._common import RECIPES, add_run_arguments, run_trainer
 
 HELP = "reward-model training on chosen/rejected pairs (Bradley-Terry loss, optional margin)"
 ACCEPTS_OVERRIDES = True
 
 
-def _summary(results: dict) -> None:
+def _summary(run_dir: Path, results: dict) -> None:
     before, after = results.get("eval_before") or {}, results.get("eval_after") or {}
     if before.get("n") and after.get("n"):
         print()
@@ -24,10 +25,10 @@ def _summary(results: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_command(args, "postrl.trainer.reward_model.train_rm", "rm.yaml", _summary)
+    from postrl.trainer.reward_model import train_rm
+
+    return run_trainer(args, train_rm, RECIPES / "rm.yaml", _summary)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="YAML config (recipe); default: recipes/rm.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 preference.path=pairs.jsonl")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    add_run_arguments(p, "recipes/rm.yaml", "train.lr=1e-5 preference.path=pairs.jsonl")

@@ -6,10 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from postrl.commands._common import RECIPES, add_run_arguments, run_trainer
+
 HELP = "RL training (GRPO family); no CONFIG runs recipes/quickstart.yaml"
 ACCEPTS_OVERRIDES = True  # key=value words after options are taken as dotted overrides
-
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"  # also reachable as ./recipes in a checkout
 
 
 def _default_recipe() -> Path:
@@ -33,35 +33,13 @@ def _print_table(results: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from postrl.config import ConfigError, load_config
-    from postrl.trainer import TrainingError, train
+    from postrl.trainer import train
 
-    config = args.config
-    overrides = list(args.overrides)
-    if config is not None and "=" in config and not Path(config).exists():
-        overrides.insert(0, config)  # `postrl train key=value` with the default recipe
-        config = None
-    if config is None and args.resume:
-        saved = Path(args.resume) / "config.yaml"
-        config = str(saved) if saved.is_file() else None
-    path = Path(config) if config else _default_recipe()
-    try:
-        cfg = load_config(path, overrides)
-        run_dir, results = train(cfg, resume=args.resume)
-    except (ConfigError, TrainingError) as exc:
-        print(f"postrl: error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, RuntimeError, OSError) as exc:
-        if type(exc).__name__ in ("DataError", "ModelLoadError"):
-            print(f"postrl: error: {exc}", file=sys.stderr)
-            return 2
-        raise
-    if results.get("interrupted"):
-        return 130
-    _print_table(results)
-    _write_report(run_dir)
-    print(f"run directory: {run_dir}")
-    return 0
+    def summary(run_dir: Path, results: dict) -> None:
+        _print_table(results)
+        _write_report(run_dir)
+
+    return run_trainer(args, train, _default_recipe(), summary)
 
 
 def _write_report(run_dir: Path) -> None:
@@ -75,9 +53,5 @@ def _write_report(run_dir: Path) -> None:
               f"retry with: postrl report {run_dir}", file=sys.stderr)
 
 
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="YAML config (recipe); default: the quickstart recipe")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 rollout.n=4")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
+    add_run_arguments(p, "the quickstart recipe", "train.lr=1e-5 rollout.n=4")

@@ -27,7 +27,6 @@ counts go into the run's results (``data`` key) and one warning.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections import Counter
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .prompts import _to_id_list, build_messages, has_chat_template, render_plain
-from .sources import DataError
+from .sources import DataError, read_json_lines
 
 log = logging.getLogger(__name__)
 
@@ -95,22 +94,6 @@ class PreferenceData:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: str) -> list[tuple[str, dict]]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from e
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            out.append((f"{path}:{lineno}", rec))
-    return out
-
-
 def _from_dataset(ds: Any, where: str, split: str) -> list[tuple[str, dict]]:
     if hasattr(ds, "keys") and not hasattr(ds, "column_names") or isinstance(getattr(ds, "column_names", None), dict):
         if split not in ds:
@@ -124,7 +107,7 @@ def load_records(path: str, split: str = "train") -> list[tuple[str, dict]]:
     hub dataset (when the hub answers). ``location`` is ``file:line`` or ``file row i``."""
     p = Path(path).expanduser()
     if p.is_file() and p.suffix == ".jsonl":
-        return _read_jsonl(str(p))
+        return [(f"{p}:{lineno}", rec) for lineno, rec in read_json_lines(p, "pairs file")]
     if p.is_file() and p.suffix == ".parquet":
         import pyarrow.parquet as pq
 

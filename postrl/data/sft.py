@@ -30,7 +30,6 @@ example equal its unpacked logits.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -42,7 +41,7 @@ from typing import Any, Optional
 import torch
 
 from postrl.data.prompts import _to_id_list, has_chat_template, render_plain
-from postrl.data.sources import DataError
+from postrl.data.sources import DataError, read_json_lines
 
 log = logging.getLogger(__name__)
 
@@ -84,25 +83,6 @@ class SFTStats:
 # --------------------------------------------------------------------------------------------------
 
 
-def _read_jsonl_records(path: Path) -> list[tuple[str, dict]]:
-    out = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"cannot read SFT file {path}: {exc}") from exc
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{lineno}: malformed JSON: {exc.msg} (column {exc.colno})") from exc
-        if not isinstance(rec, dict):
-            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-        out.append((f"{path}:{lineno}", rec))
-    return out
-
-
 def _rows(table_rows: Sequence[Mapping], label: str) -> list[tuple[str, dict]]:
     return [(f"{label} row {i}", dict(r)) for i, r in enumerate(table_rows)]
 
@@ -116,7 +96,7 @@ def read_records(path: str, split: str = "train") -> list[tuple[str, dict]]:
     if p.suffix in (".jsonl", ".parquet") and not p.is_file():
         raise DataError(f"SFT data file not found: {path}")
     if p.is_file() and p.suffix == ".jsonl":
-        records = _read_jsonl_records(p)
+        records = [(f"{p}:{lineno}", rec) for lineno, rec in read_json_lines(p, "SFT data file")]
     elif p.is_file() and p.suffix == ".parquet":
         import pyarrow.parquet as pq
 

@@ -364,16 +364,18 @@ def _math_verify_cached(gold: str, predicted: str, timeout: Optional[int]) -> fl
         return 0.0
 
 
-def _read_jsonl(path: str) -> list[tuple[int, dict]]:
-    """Read and validate a JSONL file; returns (1-based line number, record) pairs."""
+def read_json_lines(path: str | os.PathLike, what: str = "JSONL file") -> list[tuple[int, dict]]:
+    """(1-based line number, record) of every non-blank line of a JSONL file; a missing or unreadable file, a
+    malformed line or a line that is not a JSON object raises DataError naming the file and line."""
+    path = str(path)
     if not os.path.isfile(path):
-        raise DataError(f"JSONL file not found: {path}")
-    records: list[tuple[int, dict]] = []
+        raise DataError(f"{what} not found: {path}")
     try:
         with open(path, "r", encoding="utf-8") as f:
             lines = list(f)
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read JSONL file {path}: {e}") from e
+        raise DataError(f"cannot read {what} {path}: {e}") from e
+    out: list[tuple[int, dict]] = []
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -383,6 +385,14 @@ def _read_jsonl(path: str) -> list[tuple[int, dict]]:
             raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from e
         if not isinstance(rec, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        out.append((lineno, rec))
+    return out
+
+
+def _read_jsonl(path: str) -> list[tuple[int, dict]]:
+    """Read and validate a prompt/answer JSONL file; returns (1-based line number, record) pairs."""
+    records: list[tuple[int, dict]] = []
+    for lineno, rec in read_json_lines(path):
         for key in ("prompt", "answer"):
             if key not in rec:
                 raise DataError(f"{path}:{lineno}: missing required field {key!r} (fields present: {sorted(rec)})")
