@@ -64,6 +64,7 @@ from postrl.data.pairs import (
 from postrl.models.loading import load_model_and_tokenizer
 from postrl.models.logprobs import completion_logprobs
 from postrl.trainer.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
+from postrl.trainer.optim import clipped_step
 from postrl.trainer.progress import Progress
 from postrl.trainer.rl import TrainingError, _InterruptFlag, lr_lambda, new_run_dir, seed_everything, step_seed
 
@@ -368,12 +369,8 @@ class PreferenceTrainer:
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + float(v.float().sum())
-        clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-        gnorm = torch.nn.utils.clip_grad_norm_(self.params, clip) if finite else torch.tensor(float("nan"))
         lr = self.scheduler.get_last_lr()[0]
-        ok = finite and bool(torch.isfinite(gnorm))
-        if ok:
-            self.optimizer.step()
+        gnorm, ok = clipped_step(self.params, self.optimizer, cfg.train.grad_clip, finite)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         out = {k: (v if k == "loss" else v / len(batch)) for k, v in sums.items()}

@@ -41,6 +41,7 @@ from postrl.trainer.preference import (
     save_final,
     write_json,
 )
+from postrl.trainer.optim import clipped_step
 from postrl.trainer.rl import TrainingError, _InterruptFlag, lr_lambda, new_run_dir, seed_everything
 
 
@@ -175,12 +176,9 @@ class RewardModelTrainer:
                     sums["loss"] += float(loss.detach())
                     sums["accuracy"] += float(st["accuracy"].sum()) / len(batch)
                     sums["margins"] += float(st["margins"].sum()) / len(batch)
-                clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-                gnorm = torch.nn.utils.clip_grad_norm_(self.params, clip) if finite else torch.tensor(float("nan"))
                 lr = self.scheduler.get_last_lr()[0]
-                ok = finite and bool(torch.isfinite(gnorm))
+                gnorm, ok = clipped_step(self.params, self.optimizer, cfg.train.grad_clip, finite)
                 if ok:
-                    self.optimizer.step()
                     consecutive = 0
                 else:
                     consecutive += 1

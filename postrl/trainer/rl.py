@@ -55,6 +55,7 @@ from postrl.trainer.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from postrl.trainer.optim import clipped_step
 from postrl.trainer.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -557,13 +558,12 @@ class RLTrainer:
                     sums["clip_frac"] += float((stats["clipped"] * m_mask).sum())
                     sums["kl"] += float((KL_ESTIMATORS["k3"](lp.detach(), old_lp[idx, :width]) * m_mask).sum())
                 tokens_seen += float(m_mask.sum())
-            clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-            gnorm = torch.nn.utils.clip_grad_norm_(self.params, clip) if finite else torch.tensor(float("nan"))
-            if not finite or not torch.isfinite(gnorm):
+            # the step is taken also when every row was skipped: zero gradients, Adam moments still move
+            gnorm, ok = clipped_step(self.params, self.optimizer, cfg.train.grad_clip, finite)
+            if not ok:
                 self.optimizer.zero_grad(set_to_none=True)
                 skipped += 1
                 continue
-            self.optimizer.step()  # also when every row was skipped: zero gradients, Adam moments still move
             updates += 1
             grad_norms.append(float(gnorm))
         self.optimizer.zero_grad(set_to_none=True)

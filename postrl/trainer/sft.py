@@ -39,6 +39,7 @@ from postrl.data.sft import (
 from postrl.models.loading import load_model_and_tokenizer
 from postrl.trainer.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from postrl.trainer.progress import Progress
+from postrl.trainer.optim import clipped_step
 from postrl.trainer.rl import (
     RunState,
     TrainingError,
@@ -202,12 +203,8 @@ class SFTTrainer:
                 break
             loss.backward()
             total += float(loss.detach())
-        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
-        gnorm = torch.nn.utils.clip_grad_norm_(self.params, clip) if finite else torch.tensor(float("nan"))
         lr = self.scheduler.get_last_lr()[0]
-        ok = finite and bool(torch.isfinite(gnorm))
-        if ok:
-            self.optimizer.step()
+        gnorm, ok = clipped_step(self.params, self.optimizer, self.cfg.train.grad_clip, finite)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return {"loss": total if ok else float("nan"), "grad_norm": float(gnorm), "lr": lr, "ok": ok,
