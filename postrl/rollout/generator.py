@@ -10,6 +10,7 @@ costing compute.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -198,6 +199,12 @@ class Generator:
             raise ValueError(f"sampler={sampler!r}: use 'inverse_cdf' (one uniform per row) or 'multinomial'")
         self.kv_cache, self.sampler = kv_cache, sampler
         self.share_prefill = bool(share_prefill)
+        # transformers >= 5.24 names the KV-cache argument `cache` (`past_key_values` is deprecated there)
+        try:
+            params = inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     @torch.inference_mode()
     def generate(
@@ -249,7 +256,7 @@ class Generator:
                 sel = torch.tensor(first, device=device)
                 logits = self.model(
                     input_ids=ids[sel], attention_mask=attn[sel], position_ids=positions[sel],
-                    past_key_values=cache, use_cache=True, logits_to_keep=1,
+                    use_cache=True, logits_to_keep=1, **{self._cache_kw: cache},
                 ).logits[:, -1, :].float()
                 rows = torch.tensor(expand, device=device)
                 logits = logits[rows]
@@ -257,7 +264,7 @@ class Generator:
             else:
                 logits = self.model(
                     input_ids=step_ids, attention_mask=attn, position_ids=step_pos,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1,
+                    use_cache=True, logits_to_keep=1, **{self._cache_kw: cache},
                 ).logits[:, -1, :].float()
             steps += 1
             if params.temperature > 0:
