@@ -47,6 +47,7 @@ def main() -> None:
     big = 2 * 2048**3 / median_time(lambda: torch.mm(a, b)) / 1e9
     print(f"torch.mm 2048^2 fp32, {args.threads} threads: {big:.1f} GFLOP/s")
 
+    cache_kw = Generator(model, tok.eos_token_id, tok.pad_token_id)._cache_kw  # `cache` or `past_key_values`
     with torch.inference_mode():
         ids = torch.randint(100, 1000, (B, 50))
         # a fresh prefilled cache per timing would be cleaner; the cache grows by 1 token per call (50 -> ~62)
@@ -54,7 +55,8 @@ def main() -> None:
         state = {"attn": torch.ones(B, 51, dtype=torch.long)}
 
         def step():
-            model(input_ids=ids[:, -1:], attention_mask=state["attn"], cache=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=ids[:, -1:], attention_mask=state["attn"], use_cache=True, logits_to_keep=1,
+                  **{cache_kw: cache})
             state["attn"] = torch.cat([state["attn"], state["attn"].new_ones(B, 1)], -1)
 
         t_step = median_time(step)
