@@ -139,11 +139,24 @@ def convert_gguf_to_cache(cache_dir: Path | None = None) -> Path:
         raise ModelLoadError(f"GGUF conversion mismatch: missing={missing} unexpected={unexpected}")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return build_model_dir_atomically(target, write)
+
+
+def build_model_dir_atomically(target: Path, write) -> Path:
+    """Run ``write(tmp)`` into a fresh directory next to ``target``, then rename it to ``target``.
+
+    Readers never see a half-written model directory; if another process finished the same directory
+    first, its result is kept and this one's is dropped.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        write(tmp)
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -176,15 +189,7 @@ def tiny_model_from_spec(spec: str, cache_dir: str | Path | None = None) -> Path
     name = "tiny-" + "-".join(f"{k}{v}" for k, v in sorted(kwargs.items())) if kwargs else "tiny-default"
     target = Path(cache_dir or default_cache_dir()) / "models" / name
     if not (target / "config.json").is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-        try:
-            build_tiny_model(tmp, chars=TINY_CHARS, **kwargs)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not (target / "config.json").is_file():
-                raise
+        build_model_dir_atomically(target, lambda tmp: build_tiny_model(tmp, chars=TINY_CHARS, **kwargs))
     return target
 
 
