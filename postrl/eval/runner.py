@@ -345,13 +345,9 @@ def evaluate_model(spec: str, label: str, task, settings: EvalSettings, samples_
 
 def new_eval_dir(parent: str | Path = "runs", name: str = "eval") -> Path:
     """``parent/name``, or ``name-2``, ``name-3``... when taken: an earlier evaluation is never overwritten."""
-    base = Path(parent) / name
-    candidate, i = base, 1
-    while candidate.exists() and any(candidate.iterdir()):
-        i += 1
-        candidate = base.with_name(f"{name}-{i}")
-    candidate.mkdir(parents=True, exist_ok=True)
-    return candidate
+    from postrl.trainer.rl import fresh_dir
+
+    return fresh_dir(parent, name)
 
 
 OUTPUT_FILES = ("eval.json", "samples.jsonl", "pass_at_k.png")

@@ -1,7 +1,8 @@
-"""The optimizer step every trainer shares: clip the global gradient norm, step only when it is finite."""
+"""What every trainer shares around the optimizer: the clipped step, and stopping after non-finite steps."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -23,3 +24,16 @@ def clipped_step(params: Iterable[torch.Tensor], optimizer: torch.optim.Optimize
     if ok:
         optimizer.step()
     return gnorm, ok
+
+
+def stop_after_nonfinite_streak(streak: int, limit: int, step: int, checkpoints: Path, unit: str = "steps") -> None:
+    """Raise TrainingError once ``streak`` consecutive ``unit`` had a non-finite loss or gradient norm
+    (``limit`` = train.max_nonfinite_steps; 0 means stop at the first). A finite step never stops a run."""
+    from postrl.trainer.checkpoint import latest_checkpoint
+    from postrl.trainer.rl import TrainingError
+
+    if streak >= max(1, limit):
+        last = latest_checkpoint(checkpoints)
+        raise TrainingError(
+            f"{streak} {unit} in a row had a non-finite loss or gradient (last at step {step}); stopping. "
+            f"Last good checkpoint: {last if last else 'none written yet'}. Try a lower train.lr or train.grad_clip.")

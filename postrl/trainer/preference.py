@@ -64,7 +64,7 @@ from postrl.data.pairs import (
 from postrl.models.loading import load_model_and_tokenizer
 from postrl.models.logprobs import completion_logprobs
 from postrl.trainer.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
-from postrl.trainer.optim import clipped_step
+from postrl.trainer.optim import clipped_step, stop_after_nonfinite_streak
 from postrl.trainer.progress import Progress
 from postrl.trainer.rl import TrainingError, _InterruptFlag, lr_lambda, new_run_dir, seed_everything, step_seed
 
@@ -530,11 +530,8 @@ class PreferenceTrainer:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             progress.update(record)
-            if s.consecutive_nonfinite >= max(1, cfg.train.max_nonfinite_steps):
-                last = latest_checkpoint(self.run_dir / "checkpoints")
-                raise TrainingError(
-                    f"{s.consecutive_nonfinite} updates in a row had a non-finite loss or gradient (last at step "
-                    f"{s.step}); stopping. Last good checkpoint: {last or 'none written yet'}. Try a lower train.lr.")
+            stop_after_nonfinite_streak(s.consecutive_nonfinite, cfg.train.max_nonfinite_steps, s.step,
+                                        self.run_dir / "checkpoints", "updates")
             if cfg.train.save_every and s.step % cfg.train.save_every == 0:
                 self.save()
             if stop.requested:

@@ -41,8 +41,8 @@ from postrl.trainer.preference import (
     save_final,
     write_json,
 )
-from postrl.trainer.optim import clipped_step
-from postrl.trainer.rl import TrainingError, _InterruptFlag, lr_lambda, new_run_dir, seed_everything
+from postrl.trainer.optim import clipped_step, stop_after_nonfinite_streak
+from postrl.trainer.rl import _InterruptFlag, lr_lambda, new_run_dir, seed_everything
 
 
 def load_reward_model(path: str, dtype: str = "auto", device: str = "auto", trust_remote_code: bool = False):
@@ -192,9 +192,8 @@ class RewardModelTrainer:
                 with open(self.metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 progress.update(record)
-                if consecutive >= max(1, cfg.train.max_nonfinite_steps):
-                    raise TrainingError(f"{consecutive} updates in a row had a non-finite loss or gradient; "
-                                        "stopping. Try a lower train.lr.")
+                stop_after_nonfinite_streak(consecutive, cfg.train.max_nonfinite_steps, self.step,
+                                            self.run_dir / "checkpoints", "updates")
                 self.wall_time_s = wall_before + time.time() - t_start
                 if cfg.train.save_every and self.step % cfg.train.save_every == 0:
                     self.save()

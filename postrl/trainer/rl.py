@@ -55,7 +55,7 @@ from postrl.trainer.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from postrl.trainer.optim import clipped_step
+from postrl.trainer.optim import clipped_step, stop_after_nonfinite_streak
 from postrl.trainer.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -159,15 +159,21 @@ def check_registries(cfg: Config) -> None:
         resolve_reward(spec.name)
 
 
-def new_run_dir(cfg: Config) -> Path:
-    """``output_dir/name``, or ``name-2``, ``name-3``... if taken: an earlier run is never overwritten."""
-    base = Path(cfg.run.output_dir) / cfg.run.name
+def fresh_dir(parent: str | Path, name: str) -> Path:
+    """``parent/name``, or ``name-2``, ``name-3``... if taken (exists and is not empty), created: an earlier
+    run or evaluation is never overwritten."""
+    base = Path(parent) / name
     candidate, i = base, 1
     while candidate.exists() and any(candidate.iterdir()):
         i += 1
-        candidate = base.with_name(f"{cfg.run.name}-{i}")
+        candidate = base.with_name(f"{name}-{i}")
     candidate.mkdir(parents=True, exist_ok=True)
     return candidate
+
+
+def new_run_dir(cfg: Config) -> Path:
+    """``run.output_dir/run.name`` made fresh by :func:`fresh_dir`."""
+    return fresh_dir(cfg.run.output_dir, cfg.run.name)
 
 
 _ROW_FIELDS = ("samples", "prompts", "texts", "rewards", "correct", "baseline_rewards")
@@ -668,13 +674,8 @@ class RLTrainer:
                 progress.update(record)
                 if should_log_samples(self.state.step, cfg.train.steps):  # best/worst completions, for reports
                     append_samples(self.run_dir, sample_log_record(self.state.step, batch, cfg.rollout.n))
-                # (a finite step never aborts, also with max_nonfinite_steps=0, which means "abort on the first")
-                if self.state.consecutive_nonfinite >= max(1, cfg.train.max_nonfinite_steps):
-                    last = latest_checkpoint(self.run_dir / "checkpoints")
-                    raise TrainingError(
-                        f"{self.state.consecutive_nonfinite} steps in a row had a non-finite loss or gradient "
-                        f"(last at step {self.state.step}); stopping. Last good checkpoint: "
-                        f"{last if last else 'none written yet'}. Try a lower train.lr or train.grad_clip.")
+                stop_after_nonfinite_streak(self.state.consecutive_nonfinite, cfg.train.max_nonfinite_steps,
+                                            self.state.step, self.run_dir / "checkpoints")
                 self.state.wall_time_s = wall_before + time.time() - t_start
                 if cfg.train.save_every and self.state.step % cfg.train.save_every == 0:
                     self.save()

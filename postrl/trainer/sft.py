@@ -39,7 +39,7 @@ from postrl.data.sft import (
 from postrl.models.loading import load_model_and_tokenizer
 from postrl.trainer.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from postrl.trainer.progress import Progress
-from postrl.trainer.optim import clipped_step
+from postrl.trainer.optim import clipped_step, stop_after_nonfinite_streak
 from postrl.trainer.rl import (
     RunState,
     TrainingError,
@@ -300,12 +300,8 @@ class SFTTrainer:
                 with open(self.metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 progress.update(record)
-                if self.state.consecutive_nonfinite >= max(1, cfg.train.max_nonfinite_steps):
-                    last = latest_checkpoint(self.run_dir / "checkpoints")
-                    raise TrainingError(
-                        f"{self.state.consecutive_nonfinite} SFT steps in a row had a non-finite loss or gradient "
-                        f"(last at step {self.state.step}); stopping. Last good checkpoint: "
-                        f"{last if last else 'none written yet'}. Try a lower train.lr or train.grad_clip.")
+                stop_after_nonfinite_streak(self.state.consecutive_nonfinite, cfg.train.max_nonfinite_steps,
+                                            self.state.step, self.run_dir / "checkpoints", "SFT steps")
                 self.state.wall_time_s = wall_before + time.time() - t_start
                 if cfg.train.save_every and self.state.step % cfg.train.save_every == 0:
                     self.save()
