@@ -127,7 +127,6 @@ def test_champ_task_and_scoring():
 
 def test_heldout_eval_greedy_and_pass_at_k(tiny_model_dir, copy_task):
     from postrl.data import build_messages, render_prompt
-    from postrl.eval import greedy_eval
     from postrl.models.loading import load_model_and_tokenizer
     from postrl.rollout.generator import Generator, SamplingParams
 
@@ -139,14 +138,19 @@ def test_heldout_eval_greedy_and_pass_at_k(tiny_model_dir, copy_task):
     ev = heldout_eval(gen, tok, task.source, task.problems, render, 2, batch_size=8, n=4, ks=[1, 4])
     assert set(ev) >= {"accuracy", "reward_mean", "response_len_mean", "n", "examples", "pass@k"}
     assert ev["n"] == 6 and sorted(ev["pass@k"]) == ["1", "4"] and ev["pass@k"]["1"] <= ev["pass@k"]["4"]
-    greedy = greedy_eval(gen, tok, task.source, task.problems, render, 2, batch_size=8)
-    assert {k: greedy[k] for k in ("accuracy", "reward_mean", "response_len_mean", "n")} == \
-        {k: ev[k] for k in ("accuracy", "reward_mean", "response_len_mean", "n")}
     assert model.training  # restored after evaluation
     prompts = [render(s) for s in task.problems]
+    # the greedy figures are those of the greedy completions, scored by the task
+    model.eval()
+    greedy = generate_and_score(gen, tok, task.source, task.problems, prompts, 1, SamplingParams(2, temperature=0.0))
+    assert ev["accuracy"] == pytest.approx(sum(r[0] for r in greedy.correct) / 6)
+    assert ev["reward_mean"] == pytest.approx(sum(r[0] for r in greedy.scores) / 6)
+    assert ev["response_len_mean"] == pytest.approx(sum(r[0] for r in greedy.lengths) / 6)
     a = generate_and_score(gen, tok, task.source, task.problems, prompts, 3, SamplingParams(2), seed=5, batch_size=7)
     b = generate_and_score(gen, tok, task.source, task.problems, prompts, 3, SamplingParams(2), seed=5, batch_size=7)
+    c = generate_and_score(gen, tok, task.source, task.problems, prompts, 3, SamplingParams(2), seed=6, batch_size=7)
     assert a.texts == b.texts and len(a.texts) == 6 and all(len(r) == 3 for r in a.texts)
+    assert a.texts != c.texts  # the seed is used
 
 
 def test_train_periodic_eval_with_pass_at_k_and_eval_of_the_run(tiny_config, tmp_path, capsys):

@@ -32,7 +32,7 @@ from postrl.eval.metrics import (
     pass_at_k,
     powers_of_two_up_to,
 )
-from postrl.rollout.generator import Generator, SamplingParams
+from postrl.rollout.generator import Generator, SamplingParams, eos_token_ids
 
 DISTINCT_NS = (1, 2, 3, 4)
 
@@ -121,6 +121,7 @@ def per_problem_values(sampled: Scored, ks: Sequence[int], greedy: Optional[Scor
                         f"or only k <= {n}")
     vals: dict[str, list[float]] = {f"pass@{k}": [] for k in ks}
     vals.update({f"maj@{k}": [] for k in ks})
+    lengths = sampled.lengths  # a computed property: once, not once per problem
     for p in range(len(sampled.texts)):
         c = sum(sampled.correct[p])
         answers = [normalize_answer(a) for a in sampled.extracted[p]]
@@ -128,7 +129,7 @@ def per_problem_values(sampled: Scored, ks: Sequence[int], greedy: Optional[Scor
             vals[f"pass@{k}"].append(pass_at_k(n, c, k))
             vals[f"maj@{k}"].append(maj_at_k(answers, sampled.correct[p], k, maj_subsets, seed=seed + p))
         vals.setdefault("reward_mean", []).append(float(np.mean(sampled.scores[p])))
-        vals.setdefault("response_len_mean", []).append(float(np.mean(sampled.lengths[p])))
+        vals.setdefault("response_len_mean", []).append(float(np.mean(lengths[p])))
         for d in DISTINCT_NS:
             vals.setdefault(f"distinct_{d}", []).append(distinct_n(sampled.token_ids[p], d))
         vals.setdefault("distinct_correct_answers", []).append(
@@ -299,10 +300,7 @@ def evaluate_model(spec: str, label: str, task, settings: EvalSettings, samples_
     load_path, run_dir = resolve_model(spec)
     t0 = time.time()
     model, tokenizer, loaded_from = load_model_and_tokenizer(load_path, dtype=settings.dtype, device=settings.device)
-    eos = {tokenizer.eos_token_id}
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-    generator = Generator(model, sorted(i for i in eos if i is not None), tokenizer.pad_token_id)
+    generator = Generator(model, eos_token_ids(model, tokenizer), tokenizer.pad_token_id)
     prompts = [render_prompt(tokenizer, build_messages(s, task.system_prompt, task.prompt_template))
                for s in task.problems]
     max_new = settings.max_new_tokens or task.default_max_new_tokens
@@ -343,13 +341,6 @@ def evaluate_model(spec: str, label: str, task, settings: EvalSettings, samples_
     return entry
 
 
-def new_eval_dir(parent: str | Path = "runs", name: str = "eval") -> Path:
-    """``parent/name``, or ``name-2``, ``name-3``... when taken: an earlier evaluation is never overwritten."""
-    from postrl.trainer.rl import fresh_dir
-
-    return fresh_dir(parent, name)
-
-
 OUTPUT_FILES = ("eval.json", "samples.jsonl", "pass_at_k.png")
 
 
@@ -358,8 +349,10 @@ def resolve_out_dir(out: Optional[str | Path], run_dir: Optional[Path] = None) -
     model given as a training run directory) is set, else a new ``runs/eval[-N]``; both never overwrite.
     With ``out``: that directory, or for a training run directory its ``eval/`` subdirectory (where
     ``postrl report`` looks), refusing one that already holds eval outputs."""
+    from postrl.trainer.rl import fresh_dir  # (rl imports this module)
+
     if out is None:
-        return new_eval_dir(run_dir, "eval") if run_dir is not None else new_eval_dir()
+        return fresh_dir(run_dir, "eval") if run_dir is not None else fresh_dir("runs", "eval")
     p = Path(out)
     if (p / "config.yaml").is_file() and (p / "metrics.jsonl").is_file():
         p = p / "eval"  # a training run: keep its own samples.jsonl

@@ -151,6 +151,15 @@ def left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[
     return ids.to(device), mask.to(device)
 
 
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a completion: the tokenizer's EOS and the model's ``generation_config.eos_token_id``
+    (an int or a list, e.g. chat models that also stop at an end-of-turn token)."""
+    ids = {tokenizer.eos_token_id}
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos])
+    return sorted(i for i in ids if isinstance(i, int))
+
+
 def unique_rows(prompts: list[list[int]]) -> tuple[list[int], list[int]]:
     """First position of each distinct prompt, and for every prompt the index of its distinct prompt.
 

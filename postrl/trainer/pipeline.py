@@ -177,7 +177,7 @@ def evaluate_policy(cfg: Config, model_path: str) -> dict[str, Any]:
     from postrl.data import build_messages, render_prompt
     from postrl.eval.runner import generate_and_score
     from postrl.models.loading import load_model_and_tokenizer
-    from postrl.rollout.generator import Generator, SamplingParams
+    from postrl.rollout.generator import Generator, SamplingParams, eos_token_ids
     from postrl.trainer.rl import build_data_source
 
     m = cfg.model
@@ -186,8 +186,7 @@ def evaluate_policy(cfg: Config, model_path: str) -> dict[str, Any]:
                                              trust_remote_code=m.trust_remote_code)
     model.eval()
     source = build_data_source(cfg)
-    eos = sorted({i for i in (tok.eos_token_id, getattr(model.generation_config, "eos_token_id", None))
-                  if isinstance(i, int)})
+    eos = eos_token_ids(model, tok)
     prompts = [render_prompt(tok, build_messages(s, cfg.data.system_prompt, cfg.data.prompt_template))
                for s in source.eval]
     with torch.no_grad():

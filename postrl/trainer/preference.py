@@ -229,14 +229,11 @@ class PreferenceTrainer:
         self.ref_model = None
         if pf.online:
             from postrl.rewards import RewardContext, RewardPipeline
-            from postrl.rollout.generator import Generator
+            from postrl.rollout.generator import Generator, eos_token_ids
 
             self.rewards = RewardPipeline(cfg.rewards, self.source, cfg.scoring, RewardContext(
                 source=self.source, tokenizer=self.tokenizer, device=self.device))
-            eos = {self.tokenizer.eos_token_id}
-            gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-            eos.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-            self.generator = Generator(self.model, sorted(i for i in eos if i is not None), self.pad)
+            self.generator = Generator(self.model, eos_token_ids(self.model, self.tokenizer), self.pad)
             if self.needs_ref and pf.online_reference == "initial":
                 self.ref_model = (copy.deepcopy(self.model) if ckpt is None
                                   else load_model_and_tokenizer(self.init_source, **load)[0])
@@ -423,15 +420,15 @@ class PreferenceTrainer:
     def evaluate(self) -> dict[str, Any]:
         if self.cfg.preference.online:
             from postrl.data import build_messages, render_prompt
-            from postrl.eval import greedy_eval
+            from postrl.eval import heldout_eval
 
             d = self.cfg.data
 
             def render(sample):
                 return render_prompt(self.tokenizer, build_messages(sample, d.system_prompt, d.prompt_template))
 
-            return greedy_eval(self.generator, self.tokenizer, self.source, self.source.eval, render,
-                               self.cfg.resolved_eval_max_new_tokens, self.cfg.eval.batch_size)
+            return heldout_eval(self.generator, self.tokenizer, self.source, self.source.eval, render,
+                                self.cfg.resolved_eval_max_new_tokens, self.cfg.eval.batch_size)
         return self.evaluate_pairs()
 
     # ----- online rounds -------------------------------------------------------------------------------------

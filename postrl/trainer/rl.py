@@ -47,7 +47,7 @@ from postrl.eval.report import append_samples, sample_log_record, should_log_sam
 from postrl.models.loading import load_model_and_tokenizer
 from postrl.models.logprobs import completion_logprobs
 from postrl.rewards import RewardContext, RewardPipeline, resolve_reward
-from postrl.rollout.generator import Generation, Generator, SamplingParams
+from postrl.rollout.generator import Generation, Generator, SamplingParams, eos_token_ids
 from postrl.trainer.checkpoint import (
     latest_checkpoint,
     load_trainer_state,
@@ -269,7 +269,7 @@ class RLTrainer:
                     offline_fallback=m.offline_fallback, cache_dir=m.cache_dir,
                     trust_remote_code=m.trust_remote_code)[0]
             self.ref_model.eval().requires_grad_(False)
-        self.generator = Generator(self.model, self._eos_ids(), self.tokenizer.pad_token_id)
+        self.generator = Generator(self.model, eos_token_ids(self.model, self.tokenizer), self.tokenizer.pad_token_id)
 
         self.advantage_fn = ADVANTAGES.get_fn(cfg.algo.advantage)
         self.policy_loss_fn = POLICY_LOSSES.get_fn(cfg.algo.policy_loss)
@@ -304,12 +304,6 @@ class RLTrainer:
         write_environment(self.run_dir, cfg, self.model, self.model_source, self.state.step)  # env.json, for reports
 
     # ----- helpers -------------------------------------------------------------------------------------------
-    def _eos_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id}
-        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
-        ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
-        return sorted(i for i in ids if i is not None)
-
     def render(self, sample) -> list[int]:
         key = sample.uid or sample.question
         if key not in self._prompt_cache:
