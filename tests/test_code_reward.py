@@ -200,6 +200,11 @@ def test_malformed_completions_score_zero_without_crashing(reward, completion):
     assert s.score == 0.0 and s.info["status"] in ("no_code", "compile_error", "runtime_error", "wrong_answer")
 
 
+def test_code_over_max_code_chars_is_refused_before_it_runs(reward):
+    s = score(reward, "x" * 200_000, ADD_IO)  # would be a NameError (runtime_error) if it ran
+    assert s.info["status"] == "compile_error" and "max_code_chars" in s.info["error"]
+
+
 def test_garbage_unicode_in_output_and_input(reward):
     meta = {"tests": [{"input": "héllo \U0001F600\n", "output": "\U0001F600 olléh"}]}
     s = score(reward, "```python\nprint(input()[::-1].strip())\n```", meta)

@@ -160,13 +160,14 @@ def test_kto_unpaired_and_on_pairs(dpo_config, tmp_path):
     rng = random.Random(1)
     path = tmp_path / "kto.jsonl"
     with open(path, "w") as f:
-        for i in range(24):
+        for i in range(64):
             good = i % 2 == 0
             text = "".join(rng.choice("abcde" if good else "vwxyz") for _ in range(3))
             f.write(json.dumps({"prompt": f"q {i}", "completion": text, "label": good}) + "\n")
-    _, res = train_dpo(dpo_config("algo.preference_loss=kto", f"preference.path={path}", "preference.eval_size=8"))
-    assert res["data"]["train"] == 16 and res["steps"] == 2
-    assert 0.0 <= res["eval_after"]["accuracy"] <= 1.0
+    _, res = train_dpo(dpo_config("algo.preference_loss=kto", f"preference.path={path}", "preference.eval_size=16"))
+    assert res["data"]["train"] == 48 and res["steps"] == 6
+    # separable desirable (a-e) / undesirable (v-z) completions: KTO's implicit reward learns the split
+    assert res["eval_before"]["accuracy"] < 0.5 and res["eval_after"]["accuracy"] >= 0.9
     # KTO on paired data: each pair becomes one desirable and one undesirable example
     _, res = train_dpo(dpo_config("algo.preference_loss=kto", "preference.train_size=8", "preference.eval_size=8"))
     assert res["steps"] == 2  # 16 unpaired examples / 8

@@ -464,7 +464,6 @@ class BleuReward:
         _resolve_smoothing(smoothing, smooth_value)
         if weights is not None and (len(weights) != max_n or effective_order):
             raise ValueError("bleu: weights need one entry per order (max_n) and effective_order=false")
-        self.context = context
         self.tokenizer = context.tokenizer if context is not None else None
         self.options = dict(max_n=max_n, weights=weights, smoothing=smoothing, smooth_value=smooth_value,
                             effective_order=effective_order)

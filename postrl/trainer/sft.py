@@ -37,6 +37,7 @@ from postrl.data.sft import (
     tokenize_records,
 )
 from postrl.models.loading import load_model_and_tokenizer
+from postrl.models.logprobs import token_logprobs
 from postrl.trainer.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from postrl.trainer.progress import Progress
 from postrl.trainer.optim import clipped_step, stop_after_nonfinite_streak
@@ -63,8 +64,7 @@ def sft_token_nll(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torc
     "Training language models to follow instructions with human feedback", Sec. 3.5: SFT), restricted to
     the completion tokens.
     """
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    target_lp = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    target_lp = token_logprobs(logits[:, :-1].float(), input_ids[:, 1:])  # no [B, T, V] log-softmax tensor
     nll = torch.zeros(input_ids.shape, dtype=target_lp.dtype, device=logits.device)
     nll[:, 1:] = -target_lp * loss_mask[:, 1:].to(target_lp.dtype)
     return nll
