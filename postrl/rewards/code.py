@@ -292,13 +292,22 @@ class CodeReward:
     def score_one(self, completion: Any, sample: Any) -> Optional[Scored]:
         """Score one completion against its sample's tests (None: the sample's tests are malformed
         or the sandbox failed, a counted reward failure)."""
+        return self._score_code(extract_code(completion, self.extract), sample, self._tests(sample))
+
+    @staticmethod
+    def _tests(sample: Any):
+        """The sample's parsed tests ``(io_tests, asserts, setup)``, or the ValueError that says why not."""
         metadata = sample.get("metadata") if isinstance(sample, dict) else getattr(sample, "metadata", None)
         try:
-            io_tests, asserts, setup = collect_tests(metadata)
+            return collect_tests(metadata)
         except ValueError as exc:
-            self._warn(f"sample {getattr(sample, 'uid', '')!r}: {exc}")
+            return exc
+
+    def _score_code(self, code: Optional[str], sample: Any, tests) -> Optional[Scored]:
+        if isinstance(tests, ValueError):
+            self._warn(f"sample {getattr(sample, 'uid', '')!r}: {tests}")
             return None
-        code = extract_code(completion, self.extract)
+        io_tests, asserts, setup = tests
         if code is None:
             return Scored(0.0, {"status": "no_code"})
         code = apply_template(code, self.template)
@@ -330,20 +339,21 @@ class CodeReward:
         return Scored(score_tests(outcomes, self.mode), info)
 
     def __call__(self, batch: RewardBatch) -> list[Optional[Scored]]:
-        """Score a batch; identical (completion code, tests) pairs are run once."""
+        """Score a batch; identical (completion code, tests) pairs are run once. The code is extracted once
+        per completion, a sample's tests are parsed once however many completions it has (a group)."""
+        tests: dict[int, Any] = {}  # id(sample) -> parsed tests
         keys, unique = [], {}
         for text, sample in zip(batch.completions, batch.samples):
-            metadata = sample.get("metadata") if isinstance(sample, dict) else getattr(sample, "metadata", None)
-            try:
-                key = (extract_code(text, self.extract), json.dumps(metadata, sort_keys=True, default=str))
-            except (TypeError, ValueError):
-                key = (id(text), id(sample))
+            if id(sample) not in tests:
+                tests[id(sample)] = self._tests(sample)
+            code = extract_code(text, self.extract)
+            key = (code, id(sample))
             keys.append(key)
-            unique.setdefault(key, (text, sample))
+            unique.setdefault(key, (code, sample))
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="code-reward")
-        futures = {k: self._pool.submit(self.score_one, t, s) for k, (t, s) in unique.items()}
+        futures = {k: self._pool.submit(self._score_code, c, s, tests[id(s)]) for k, (c, s) in unique.items()}
         done = {k: f.result() for k, f in futures.items()}
         return [done[k] for k in keys]
 
