@@ -183,6 +183,14 @@ def test_value_head_from_full_causal_lm_checkpoint(tiny_model_dir, tmp_path):
     save_file({"weight": torch.ones(1, h), "bias": torch.tensor([0.5])}, str(d / VALUE_HEAD_FILE))
     out = values(RewardModelReward(RewardContext(), path=str(d))(make_batch(TEXTS[:3])))
     assert len(out) == 3 and all(math.isfinite(v) for v in out[:2])
+    # the head reads the backbone's last hidden state: ones . h + 0.5 (the LM head plays no part)
+    from transformers import AutoModel, AutoTokenizer
+
+    tok, backbone = AutoTokenizer.from_pretrained(d), AutoModel.from_pretrained(d).eval()
+    with torch.no_grad():
+        for (p, c), g in zip(TEXTS[:2], out[:2]):
+            hidden = backbone(input_ids=torch.tensor([tok(p + c)["input_ids"]])).last_hidden_state[0, -1]
+            assert g == pytest.approx(float(hidden.sum()) + 0.5, abs=1e-4)
     bad = tmp_path / "bad_head"
     shutil.copytree(tiny_model_dir, bad)
     save_file({"weight": torch.ones(2, h)}, str(bad / VALUE_HEAD_FILE))
