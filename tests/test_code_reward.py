@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from postrl.config import RewardSpec, load_config
+from postrl.config import load_config
 from postrl.data.sources import Sample
 from postrl.rewards import RewardBatch, RewardPipeline, resolve_reward
 from postrl.rewards import sandbox as sbx
@@ -242,7 +242,7 @@ def test_through_the_pipeline_from_a_yaml_config(tmp_path, reward):
     cfg = load_config(cfg_file)
     assert cfg.rewards[0].name == "code" and cfg.rewards[0].kwargs == {"mode": "fraction", "timeout_s": 1}
     assert resolve_reward("code").batched
-    pipe = RewardPipeline([RewardSpec("code", weight=2.0, kwargs={"mode": "fraction", "timeout_s": 1})])
+    pipe = RewardPipeline(cfg.rewards)  # the specs exactly as the config loaded them
     sample = Sample("q", "", metadata=ADD_ASSERTS)
     res = pipe([SOLUTION_FN, "no code here\n```bash\nls\n```", "```python\ndef add(a, b):\n    return a - b\n```"],
                [sample] * 3)
