@@ -167,8 +167,10 @@ def heldout_eval(generator: Generator, tokenizer, source: Any, samples: list[Any
                  ks: Sequence[int] = (), temperature: float = 1.0, seed: int = 0) -> dict[str, Any]:
     """Greedy held-out accuracy, and pass@k from ``n`` samples per problem when ``n > 0``.
 
-    Returns ``{"accuracy", "reward_mean", "response_len_mean", "n", "examples"}`` (greedy decoding; ``n``
-    is the number of problems; ``examples`` the first five completions) and, with ``n > 0``, also
+    Returns ``{"accuracy", "reward_mean", "response_len_mean", "format_rate", "n", "examples"}`` (greedy
+    decoding; ``format_rate`` is the share of completions from which the source's answer extraction gets
+    an answer at all; ``n`` is the number of problems; ``examples`` the first five completions) and, with
+    ``n > 0``, also
     ``"samples_per_problem"``, ``"pass@k"`` (``{k: value}``, default k: powers of two up to n) and
     ``"sampled_reward_mean"``.
     """
@@ -183,6 +185,7 @@ def heldout_eval(generator: Generator, tokenizer, source: Any, samples: list[Any
         "accuracy": sum(row[0] for row in greedy.correct) / m,
         "reward_mean": sum(row[0] for row in greedy.scores) / m,
         "response_len_mean": float(np.mean([row[0] for row in greedy.lengths])),
+        "format_rate": sum(row[0] not in (None, "") for row in greedy.extracted) / m,
         "n": m,
         "examples": [{"question": s.question, "answer": s.answer, "completion": t[0], "correct": c[0]}
                      for s, t, c in list(zip(samples, greedy.texts, greedy.correct))[:5]],

@@ -168,16 +168,15 @@ def read_stage_done(stage_dir: Path) -> Optional[dict[str, Any]]:
 
 
 def evaluate_policy(cfg: Config, model_path: str) -> dict[str, Any]:
-    """Greedy held-out metrics of ``model_path`` on ``cfg.data``'s held-out set (prompts rendered as in
-    ``postrl train``): accuracy, mean reward, mean response length and ``format_rate``, the share of
-    completions from which the source's ``answer_extraction`` gets an answer at all."""
-    import numpy as np
+    """Greedy held-out metrics of ``model_path`` on ``cfg.data``'s held-out set, by the evaluation of
+    ``postrl train`` (:func:`postrl.eval.runner.heldout_eval`: accuracy, mean reward, mean response length,
+    ``format_rate``)."""
     import torch
 
     from postrl.data import build_messages, render_prompt
-    from postrl.eval.runner import generate_and_score
+    from postrl.eval.runner import heldout_eval
     from postrl.models.loading import load_model_and_tokenizer
-    from postrl.rollout.generator import Generator, SamplingParams, eos_token_ids
+    from postrl.rollout.generator import Generator, eos_token_ids
     from postrl.trainer.rl import build_data_source
 
     m = cfg.model
@@ -186,20 +185,10 @@ def evaluate_policy(cfg: Config, model_path: str) -> dict[str, Any]:
                                              trust_remote_code=m.trust_remote_code)
     model.eval()
     source = build_data_source(cfg)
-    eos = eos_token_ids(model, tok)
-    prompts = [render_prompt(tok, build_messages(s, cfg.data.system_prompt, cfg.data.prompt_template))
-               for s in source.eval]
+    render = lambda s: render_prompt(tok, build_messages(s, cfg.data.system_prompt, cfg.data.prompt_template))  # noqa: E731
     with torch.no_grad():
-        out = generate_and_score(Generator(model, eos, tok.pad_token_id), tok, source, source.eval, prompts, 1,
-                                 SamplingParams(cfg.resolved_eval_max_new_tokens, temperature=0.0),
-                                 batch_size=cfg.eval.batch_size)
-    n = len(source.eval)
-    return {"accuracy": sum(r[0] for r in out.correct) / max(n, 1),
-            "reward_mean": sum(r[0] for r in out.scores) / max(n, 1),
-            "response_len_mean": float(np.mean([r[0] for r in out.lengths])) if n else 0.0,
-            "format_rate": sum(r[0] not in (None, "") for r in out.extracted) / max(n, 1), "n": n,
-            "examples": [{"question": s.question, "answer": s.answer, "completion": t[0]}
-                         for s, t in list(zip(source.eval, out.texts))[:3]]}
+        return heldout_eval(Generator(model, eos_token_ids(model, tok), tok.pad_token_id), tok, source,
+                            source.eval, render, cfg.resolved_eval_max_new_tokens, cfg.eval.batch_size)
 
 
 # --------------------------------------------------------------------------------------------------
