@@ -25,7 +25,6 @@ reward model from the current weights but does not change the policy that later 
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 import logging
 import os
@@ -129,14 +128,9 @@ def _trainer(kind: str) -> Callable[..., tuple[Path, dict[str, Any]]]:
 
 def run_stage(kind: str, cfg: Config, stage_dir: Path, resume: bool) -> tuple[Path, dict[str, Any]]:
     """Run one stage in ``stage_dir`` (resuming from its latest checkpoint when ``resume``)."""
-    fn = _trainer(kind)
-    cfg = copy.deepcopy(cfg)
-    cfg.run.output_dir, cfg.run.name = str(stage_dir.parent), stage_dir.name  # trainers without run_dir=
-    params = inspect.signature(fn).parameters
-    kwargs: dict[str, Any] = {"resume": stage_dir if resume else None}
-    if "run_dir" in params and not resume:
-        kwargs["run_dir"] = stage_dir
-    return fn(cfg, **kwargs)
+    if resume:
+        return _trainer(kind)(copy.deepcopy(cfg), resume=stage_dir)
+    return _trainer(kind)(copy.deepcopy(cfg), run_dir=stage_dir)
 
 
 def final_model(stage_dir: Path, stage_results: Optional[dict[str, Any]] = None) -> Path:

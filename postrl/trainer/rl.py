@@ -171,9 +171,16 @@ def fresh_dir(parent: str | Path, name: str) -> Path:
     return candidate
 
 
-def new_run_dir(cfg: Config) -> Path:
-    """``run.output_dir/run.name`` made fresh by :func:`fresh_dir`."""
-    return fresh_dir(cfg.run.output_dir, cfg.run.name)
+def new_run_dir(cfg: Config, run_dir: str | Path | None = None) -> Path:
+    """The directory of a new run: ``run_dir`` when given (it must be empty: a run is never overwritten),
+    else ``run.output_dir/run.name`` made fresh by :func:`fresh_dir`."""
+    if run_dir is None:
+        return fresh_dir(cfg.run.output_dir, cfg.run.name)
+    run_dir = Path(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise TrainingError(f"run directory {run_dir} is not empty; a run is never overwritten")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
 
 
 _ROW_FIELDS = ("samples", "prompts", "texts", "rewards", "correct", "baseline_rewards")
@@ -236,7 +243,7 @@ class RLTrainer:
     skip_zero_advantage = True  # exact compute saving, see update(); tests switch it off to compare
     sort_micro_batches = True  # length-sorted micro batches in update() (same gradient up to summation order)
 
-    def __init__(self, cfg: Config, resume: str | Path | None = None):
+    def __init__(self, cfg: Config, resume: str | Path | None = None, run_dir: str | Path | None = None):
         self.cfg = cfg
         check_registries(cfg)
         ckpt = None
@@ -297,7 +304,7 @@ class RLTrainer:
         if ckpt is not None:
             self._load_state(ckpt)
         else:  # created only now, so that a config, data or model error leaves no empty run directory behind
-            self.run_dir = new_run_dir(cfg)
+            self.run_dir = new_run_dir(cfg, run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._truncate_metrics(self.state.step)
         save_config(cfg, self.run_dir / "config.yaml")
@@ -738,9 +745,11 @@ class RLTrainer:
         return record
 
 
-def train(cfg: Config, resume: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
-    """Run (or resume) training; returns the run directory and ``results``."""
-    trainer = RLTrainer(cfg, resume=resume)
+def train(cfg: Config, resume: str | Path | None = None,
+          run_dir: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """Run (or resume) training; returns the run directory and ``results``. ``run_dir``: start the new run in
+    that (empty) directory instead of ``run.output_dir/run.name[-N]``."""
+    trainer = RLTrainer(cfg, resume=resume, run_dir=run_dir)
     try:
         return trainer.run_dir, trainer.fit()
     finally:

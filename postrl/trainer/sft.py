@@ -126,13 +126,8 @@ class SFTTrainer:
         self.state = RunState()
         if ckpt is not None:
             self._load_state(ckpt)
-        elif run_dir is not None:
-            self.run_dir = Path(run_dir)
-            if self.run_dir.exists() and any(self.run_dir.iterdir()):
-                raise TrainingError(f"run directory {self.run_dir} is not empty; a run is never overwritten")
-            self.run_dir.mkdir(parents=True, exist_ok=True)
         else:  # created only now, so that a config, data or model error leaves no empty run directory behind
-            self.run_dir = new_run_dir(cfg)
+            self.run_dir = new_run_dir(cfg, run_dir)
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._truncate_metrics(self.state.step)
         from postrl.config import save_config
