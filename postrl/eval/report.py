@@ -588,7 +588,9 @@ def render_plots(data: RunData) -> tuple[list[Plot], list[str]]:
     return out, notes
 
 
-def _pass_at_k_plot(models: list[ModelEval]) -> bytes | None:
+def pass_at_k_png(models: list[ModelEval]) -> bytes | None:
+    """pass@k against k (log2 axis), one curve per model with its CI band when present (None: no curve).
+    Used by ``postrl eval`` (pass_at_k.png) and by the report."""
     from postrl.eval import plots as P
 
     curves = []
@@ -816,7 +818,7 @@ def build_report(run_dir: str | Path, eval_path: str | Path | None = None, out: 
 
     data = load_run(run_dir, eval_path)
     plots, notes = render_plots(data)
-    passk_png = _pass_at_k_plot(parse_eval(data.eval_data)) if data.eval_data is not None else None
+    passk_png = pass_at_k_png(parse_eval(data.eval_data)) if data.eval_data is not None else None
     if write_pngs:
         pdir = data.run_dir / PLOTS_DIR
         pdir.mkdir(exist_ok=True)

@@ -141,7 +141,7 @@ def per_problem_values(sampled: Scored, ks: Sequence[int], greedy: Optional[Scor
     return vals
 
 
-def summarize(values: dict[str, list[float]], ks: Sequence[int], num_resamples: int = 1000, seed: int = 0,
+def summarize(values: dict[str, list[float]], num_resamples: int = 1000, seed: int = 0,
               level: float = 0.95) -> dict[str, Any]:
     """Means over problems with bootstrap CIs: ``{"pass_at_k": {"1": {"value", "ci", "n"}, ...},
     "maj_at_k": {...}, <scalar metric>: {"value", "ci", "n"}, ...}`` (every metric resampled with the
@@ -322,7 +322,7 @@ def evaluate_model(spec: str, label: str, task, settings: EvalSettings, samples_
     entry: dict[str, Any] = {"name": label, "model": spec, "loaded_from": str(loaded_from),
                              "run_dir": str(run_dir) if run_dir else None, "num_problems": P,
                              "samples_per_problem": n}
-    entry.update(summarize(values, settings.ks, settings.bootstrap, settings.seed, settings.ci_level))
+    entry.update(summarize(values, settings.bootstrap, settings.seed, settings.ci_level))
     entry["truncated_frac"] = float(np.mean([t for row in sampled.truncated for t in row]))
     entry["eval_time_s"] = time.time() - t0
     if samples_file is not None:
@@ -365,19 +365,6 @@ def resolve_out_dir(out: Optional[str | Path], run_dir: Optional[Path] = None) -
                         "directory (or leave --out out for a fresh one)")
     p.mkdir(parents=True, exist_ok=True)
     return p
-
-
-def pass_at_k_png(models: Sequence[dict[str, Any]]) -> bytes:
-    """pass@k against k (log2 axis) with one curve per model and its bootstrap CI as a band."""
-    from postrl.eval.plots import Series, pass_at_k_plot
-
-    curves = []
-    for m in models:
-        ks = sorted(m["pass_at_k"], key=int)
-        pts = [m["pass_at_k"][k] for k in ks]
-        curves.append(Series(m["name"], [float(k) for k in ks], [p["value"] for p in pts],
-                             lower=[p["ci"][0] for p in pts], upper=[p["ci"][1] for p in pts]))
-    return pass_at_k_plot(curves)
 
 
 def _fmt(stat: dict[str, Any], pct: bool = True, digits: int = 3) -> str:
@@ -454,5 +441,9 @@ def run_eval(model_specs: Sequence[str], task, settings: EvalSettings, out: Opti
         "models": models,
     }
     (out_dir / "eval.json").write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False))
-    (out_dir / "pass_at_k.png").write_bytes(pass_at_k_png(models))
+    from postrl.eval.report import parse_eval, pass_at_k_png  # one plot for eval and report
+
+    png = pass_at_k_png(parse_eval(_json_safe(result)))
+    if png is not None:
+        (out_dir / "pass_at_k.png").write_bytes(png)
     return out_dir, result
