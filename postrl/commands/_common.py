@@ -14,7 +14,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"  # also reachable as ./recipes in a checkout
-INPUT_ERRORS = ("DataError", "ModelLoadError")  # ValueError/RuntimeError subclasses that mean bad input
+
+
+def report_input_error(exc: BaseException, extra: tuple[type, ...] = ()) -> bool:
+    """Print ``postrl: error: ...`` and return True when ``exc`` means bad input (a config, data, model or
+    ``extra`` error: exit code 2 without a traceback); False for anything else (a bug: re-raise it)."""
+    from postrl.config import ConfigError
+    from postrl.data.sources import DataError
+    from postrl.models.loading import ModelLoadError
+
+    if isinstance(exc, (ConfigError, DataError, ModelLoadError, *extra)):
+        print(f"postrl: error: {exc}", file=sys.stderr)
+        return True
+    return False
 
 
 def add_run_arguments(p: argparse.ArgumentParser, default: str, example: str) -> None:
@@ -39,19 +51,15 @@ def resolve_config(config: str | None, overrides: list[str], resume: str | None,
 
 def run_trainer(args: argparse.Namespace, trainer_fn: Callable[..., tuple[Path, dict[str, Any]]], default: Path,
                 summary: Callable[[Path, dict[str, Any]], None]) -> int:
-    from postrl.config import ConfigError, load_config
+    from postrl.config import load_config
     from postrl.trainer.rl import TrainingError
 
     path, overrides = resolve_config(args.config, args.overrides, args.resume, default)
     try:
         cfg = load_config(path, overrides)
         run_dir, results = trainer_fn(cfg, resume=args.resume)
-    except (ConfigError, TrainingError) as exc:
-        print(f"postrl: error: {exc}", file=sys.stderr)
-        return 2
     except (ValueError, RuntimeError, OSError) as exc:
-        if type(exc).__name__ in INPUT_ERRORS:
-            print(f"postrl: error: {exc}", file=sys.stderr)
+        if report_input_error(exc, (TrainingError,)):
             return 2
         raise
     if results.get("interrupted"):

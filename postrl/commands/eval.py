@@ -6,7 +6,6 @@ See docs/evaluation.md for every metric's definition and the output files.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 HELP = "evaluate models on a task: pass@k, maj@k, greedy accuracy, reward, length, diversity, with bootstrap CIs"
@@ -67,7 +66,7 @@ def _task(args):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from postrl.config import ConfigError
+    from postrl.commands._common import report_input_error
     from postrl.eval.metrics import parse_ks, powers_of_two_up_to
     from postrl.eval.runner import EvalError, EvalSettings, format_table, run_eval
 
@@ -85,12 +84,8 @@ def run(args: argparse.Namespace) -> int:
         settings.validate()  # before the (possibly slow) task and models are built
         task = _task(args)
         out_dir, result = run_eval(args.model, task, settings, args.out)
-    except (EvalError, ConfigError) as exc:
-        print(f"postrl: error: {exc}", file=sys.stderr)
-        return 2
     except (ValueError, RuntimeError, OSError) as exc:
-        if type(exc).__name__ in ("DataError", "TaskSpecError", "ModelLoadError"):
-            print(f"postrl: error: {exc}", file=sys.stderr)
+        if report_input_error(exc, (EvalError,)):
             return 2
         raise
     print()
