@@ -329,23 +329,31 @@ class PreferenceTrainer:
                    kl_completions: list[list[int]] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-item losses ``[b]`` and stats of the items ``idx`` under the current policy (differentiable)."""
         a = self.cfg.algo
+        if not self.unpaired:
+            return self.loss_fn(self.pair_logps(items, ref, idx), a)
         chunk = [items[i] for i in idx]
         prompts = [x.prompt_ids for x in chunk]
         sel = torch.as_tensor(idx, dtype=torch.long)
-        if self.unpaired:
-            lp, _ = sequence_logps(self.model, prompts, [x.completion_ids for x in chunk], self.pad)
-            with torch.no_grad():
-                kl_lp, _ = sequence_logps(self.model, prompts, [kl_completions[i] for i in idx], self.pad)
-            desirable = torch.tensor([x.desirable for x in chunk], device=lp.device)
-            inp = UnpairedLogps(lp, ref["logps"][sel].to(lp), desirable, kl_lp, ref["kl"][sel].to(lp))
-            return self.loss_fn(inp, a)
+        lp, _ = sequence_logps(self.model, prompts, [x.completion_ids for x in chunk], self.pad)
+        with torch.no_grad():
+            kl_lp, _ = sequence_logps(self.model, prompts, [kl_completions[i] for i in idx], self.pad)
+        desirable = torch.tensor([x.desirable for x in chunk], device=lp.device)
+        inp = UnpairedLogps(lp, ref["logps"][sel].to(lp), desirable, kl_lp, ref["kl"][sel].to(lp))
+        return self.loss_fn(inp, a)
+
+    def pair_logps(self, items: list, ref: dict[str, torch.Tensor] | None, idx: list[int]) -> PairLogps:
+        """Summed log-probs of the chosen and rejected completions of pairs ``idx`` under the current policy
+        (one forward over both), with their cached reference log-probs when there is a reference."""
+        chunk = [items[i] for i in idx]
+        prompts = [x.prompt_ids for x in chunk]
         lp, lens = sequence_logps(self.model, prompts + prompts,
                                   [x.chosen_ids for x in chunk] + [x.rejected_ids for x in chunk], self.pad)
         b = len(chunk)
         inp = PairLogps(lp[:b], lp[b:], lens[:b], lens[b:])
         if ref is not None:
+            sel = torch.as_tensor(idx, dtype=torch.long)
             inp.ref_chosen, inp.ref_rejected = ref["chosen"][sel].to(lp), ref["rejected"][sel].to(lp)
-        return self.loss_fn(inp, a)
+        return inp
 
     def train_step(self, items: list, ref, batch: list[int], kl_completions=None) -> dict[str, float]:
         """One optimizer update over ``batch`` (micro batches of preference.micro_batch_size)."""
@@ -393,15 +401,8 @@ class PreferenceTrainer:
                 loss, st = self.batch_loss(items, ref, idx, self.eval_kl_completions)
                 losses.append(loss), accs.append(st["accuracy"]), margins.append(st["rewards"])
                 continue
-            chunk = [items[i] for i in idx]
-            prompts = [x.prompt_ids for x in chunk]
-            lp, lens = sequence_logps(self.model, prompts + prompts,
-                                      [x.chosen_ids for x in chunk] + [x.rejected_ids for x in chunk], self.pad)
-            b, sel = len(chunk), torch.as_tensor(idx)
-            inp = PairLogps(lp[:b], lp[b:], lens[:b], lens[b:])
+            inp = self.pair_logps(items, ref, idx)
             logp_acc.append((inp.chosen > inp.rejected).float())
-            if ref is not None:
-                inp.ref_chosen, inp.ref_rejected = ref["chosen"][sel].to(lp), ref["rejected"][sel].to(lp)
             if self.unpaired:  # KTO evaluated on pairs: DPO's implicit reward beta * h
                 m = implicit_reward_margins(inp, self.cfg.algo.beta)
                 margins.append(m), accs.append((m > 0).float())
