@@ -96,13 +96,15 @@ class RewardModelTrainer:
         self.total_steps = pf.epochs * self.per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(t.lr_schedule, t.warmup_steps, self.total_steps))
-        self.step, self.results, self.wall_time_s, self.nonfinite = 0, {}, 0.0, 0
+        self.step, self.results, self.wall_time_s, self.nonfinite, self.consecutive_nonfinite = 0, {}, 0.0, 0, 0
         if ckpt is not None:
             st = load_trainer_state(ckpt)
             self.optimizer.load_state_dict(st["optimizer"])
             self.scheduler.load_state_dict(st["scheduler"])
             set_rng_state(st["rng"])
             self.step, self.results, self.wall_time_s = st["step"], st["results"], st["wall_time_s"]
+            self.nonfinite = st.get("nonfinite_total", 0)  # (absent from checkpoints of older versions)
+            self.consecutive_nonfinite = st.get("consecutive_nonfinite", 0)
         elif self.run_dir is None:
             self.run_dir = new_run_dir(cfg)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -140,6 +142,7 @@ class RewardModelTrainer:
 
     def save(self) -> Path:
         state = {"step": self.step, "results": self.results, "wall_time_s": self.wall_time_s,
+                 "nonfinite_total": self.nonfinite, "consecutive_nonfinite": self.consecutive_nonfinite,
                  "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "rng": rng_state()}
         return save_checkpoint(self.run_dir / "checkpoints", self.step, self.model, self.tokenizer, state,
@@ -155,7 +158,6 @@ class RewardModelTrainer:
             write_json(self.run_dir / "results.json", self.results)
         micro = pf.micro_batch_size or pf.batch_size
         interrupted = False
-        consecutive = 0
         with _InterruptFlag() as stop, PrefProgress(self.total_steps, self.step, cfg.run.progress) as progress:
             while self.step < self.total_steps:
                 epoch, b = divmod(self.step, self.per_epoch)
@@ -179,9 +181,9 @@ class RewardModelTrainer:
                 lr = self.scheduler.get_last_lr()[0]
                 gnorm, ok = clipped_step(self.params, self.optimizer, cfg.train.grad_clip, finite)
                 if ok:
-                    consecutive = 0
+                    self.consecutive_nonfinite = 0
                 else:
-                    consecutive += 1
+                    self.consecutive_nonfinite += 1
                     self.nonfinite += 1
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
@@ -192,7 +194,7 @@ class RewardModelTrainer:
                 with open(self.metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 progress.update(record)
-                stop_after_nonfinite_streak(consecutive, cfg.train.max_nonfinite_steps, self.step,
+                stop_after_nonfinite_streak(self.consecutive_nonfinite, cfg.train.max_nonfinite_steps, self.step,
                                             self.run_dir / "checkpoints", "updates")
                 self.wall_time_s = wall_before + time.time() - t_start
                 if cfg.train.save_every and self.step % cfg.train.save_every == 0:
