@@ -31,11 +31,11 @@ import logging
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .prompts import _to_id_list, build_messages, has_chat_template, render_plain
-from .sources import DataError, read_json_lines
+from .records import read_records
+from .sources import DataError
 
 log = logging.getLogger(__name__)
 
@@ -94,50 +94,9 @@ class PreferenceData:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _from_dataset(ds: Any, where: str, split: str) -> list[tuple[str, dict]]:
-    if hasattr(ds, "keys") and not hasattr(ds, "column_names") or isinstance(getattr(ds, "column_names", None), dict):
-        if split not in ds:
-            raise DataError(f"{where}: no split {split!r}; it has: {', '.join(ds.keys())}")
-        ds = ds[split]
-    return [(f"{where} row {i}", dict(rec)) for i, rec in enumerate(ds)]
-
-
 def load_records(path: str, split: str = "train") -> list[tuple[str, dict]]:
-    """``(location, record)`` pairs from a JSONL/Parquet file, a ``datasets`` directory or data files, or a
-    hub dataset (when the hub answers). ``location`` is ``file:line`` or ``file row i``."""
-    p = Path(path).expanduser()
-    if p.is_file() and p.suffix == ".jsonl":
-        return [(f"{p}:{lineno}", rec) for lineno, rec in read_json_lines(p, "pairs file")]
-    if p.is_file() and p.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            rows = pq.read_table(p).to_pylist()
-        except Exception as e:  # noqa: BLE001 - re-raised with the path
-            raise DataError(f"cannot read Parquet file {p}: {e}") from e
-        return [(f"{p} row {i}", rec) for i, rec in enumerate(rows)]
-    import datasets
-
-    if p.is_dir() and any((p / n).is_file() for n in ("dataset_info.json", "dataset_dict.json", "state.json")):
-        return _from_dataset(datasets.load_from_disk(str(p)), str(p), split)
-    if p.exists():
-        builder = {".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(p.suffix)
-        try:
-            ds = (datasets.load_dataset(builder, data_files=str(p), split="train") if builder
-                  else datasets.load_dataset(str(p), split=split))
-        except Exception as e:  # noqa: BLE001
-            raise DataError(f"cannot read preference data {p}: {e}. Use .jsonl, .parquet, a directory written by "
-                            "datasets' save_to_disk, or data files datasets can read (.json, .csv, .parquet).") from e
-        return _from_dataset(ds, str(p), split)
-    from postrl.models.loading import hub_reachable
-
-    if not hub_reachable():
-        raise DataError(f"preference data {path!r} is not a local file or directory, and the Hugging Face hub is "
-                        "unreachable (offline), so it cannot be a hub dataset name either.")
-    try:
-        return _from_dataset(datasets.load_dataset(path, split=split), path, split)
-    except Exception as e:  # noqa: BLE001
-        raise DataError(f"cannot load hub dataset {path!r} (split {split!r}): {e}") from e
+    """``(location, record)`` pairs of preference data (see :func:`postrl.data.records.read_records`)."""
+    return read_records(path, split, "preference data")
 
 
 # ------------------------------------------------------------------------------------------------------------

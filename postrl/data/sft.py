@@ -31,17 +31,16 @@ example equal its unpacked logits.
 from __future__ import annotations
 
 import logging
-import os
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from postrl.data.prompts import _to_id_list, has_chat_template, render_plain
-from postrl.data.sources import DataError, read_json_lines
+from postrl.data.records import read_records as _read_records
+from postrl.data.sources import DataError
 
 log = logging.getLogger(__name__)
 
@@ -83,65 +82,9 @@ class SFTStats:
 # --------------------------------------------------------------------------------------------------
 
 
-def _rows(table_rows: Sequence[Mapping], label: str) -> list[tuple[str, dict]]:
-    return [(f"{label} row {i}", dict(r)) for i, r in enumerate(table_rows)]
-
-
 def read_records(path: str, split: str = "train") -> list[tuple[str, dict]]:
-    """``(where, record)`` pairs from a .jsonl / .parquet file, a ``datasets`` directory or file, or a hub name.
-
-    ``where`` locates the record for error messages (``file.jsonl:12``, ``file.parquet row 3``).
-    """
-    p = Path(path).expanduser()
-    if p.suffix in (".jsonl", ".parquet") and not p.is_file():
-        raise DataError(f"SFT data file not found: {path}")
-    if p.is_file() and p.suffix == ".jsonl":
-        records = [(f"{p}:{lineno}", rec) for lineno, rec in read_json_lines(p, "SFT data file")]
-    elif p.is_file() and p.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            records = _rows(pq.read_table(p).to_pylist(), str(p))
-        except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-            raise DataError(f"cannot read Parquet file {p}: {exc}") from exc
-    else:
-        records = _read_datasets(path, split)
-    if not records:
-        raise DataError(f"SFT data {path} contains no records")
-    return records
-
-
-def _read_datasets(path: str, split: str) -> list[tuple[str, dict]]:
-    try:
-        import datasets
-    except ImportError as exc:  # pragma: no cover - datasets is a dependency
-        raise DataError(f"SFT data {path!r} is not a .jsonl or .parquet file and `datasets` is not installed") from exc
-    p = Path(path).expanduser()
-    try:
-        if p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file()):
-            ds = datasets.load_from_disk(str(p))
-        elif p.is_file():
-            kind = {".json": "json", ".csv": "csv", ".arrow": "arrow", ".txt": "text"}.get(p.suffix)
-            if kind is None:
-                raise DataError(f"SFT data file {p} has an unsupported type {p.suffix!r}; use .jsonl, .parquet, "
-                                ".json, .csv, a datasets directory (save_to_disk) or a hub dataset name")
-            ds = datasets.load_dataset(kind, data_files=str(p), split="train")
-        elif p.is_dir():
-            ds = datasets.load_dataset(str(p))
-        else:
-            if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False") or p.suffix:
-                raise DataError(f"SFT data not found: {path} (no such file or directory; hub datasets need a "
-                                "network connection)")
-            ds = datasets.load_dataset(path)
-    except DataError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - re-raised with what was tried
-        raise DataError(f"cannot load SFT data {path!r} with `datasets`: {exc}") from exc
-    if isinstance(ds, (datasets.DatasetDict, dict)):
-        if split not in ds:
-            raise DataError(f"SFT data {path!r} has no split {split!r}; splits: {', '.join(ds)}")
-        ds = ds[split]
-    return _rows(ds.to_list(), f"{path}[{split}]")
+    """``(where, record)`` pairs of SFT data (see :func:`postrl.data.records.read_records`)."""
+    return _read_records(path, split, "SFT data")
 
 
 # --------------------------------------------------------------------------------------------------
