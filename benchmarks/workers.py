@@ -93,7 +93,7 @@ def bench_config(spec: dict[str, Any]):
 def step_samples(spec: dict[str, Any]):
     """The prompts of every step, in postrl's sampler order (TRL is fed the same order, unshuffled)."""
     from postrl.data import PromptSampler
-    from postrl.trainer.rl import build_data_source
+    from postrl.data import build_data_source
 
     cfg = bench_config(spec)
     source = build_data_source(cfg)

@@ -26,7 +26,7 @@ from postrl.models.loading import ModelLoadError, load_model_and_tokenizer
 from postrl.rewards import REWARDS, RewardPipeline, register_reward
 from postrl.trainer import TrainingError, train
 from postrl.trainer import rl as rl_mod
-from postrl.trainer.checkpoint import latest_checkpoint, list_checkpoints
+from postrl.run.checkpoint import latest_checkpoint, list_checkpoints
 
 FAST = ("run.threads=1",)
 
@@ -44,7 +44,7 @@ def no_model_load(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("a config error must be raised before data or model are loaded")
 
-    monkeypatch.setattr(rl_mod, "load_model_and_tokenizer", forbidden)
+    monkeypatch.setattr(rl_mod, "load_from_config", forbidden)
     monkeypatch.setattr(rl_mod, "build_data_source", forbidden)
 
 
@@ -133,16 +133,15 @@ def test_cli_config_errors_exit_2_with_message(capsys, tiny_config, tmp_path):
     ],
 )
 def test_unknown_method_name_fails_before_model_load(tiny_config, no_model_load, override, expected):
-    cfg = tiny_config(override)
     with pytest.raises(ConfigError) as ei:
-        train(cfg)
+        train(tiny_config(override))  # refused when the config is loaded (validate checks the registries)
     msg = str(ei.value)
     assert expected in msg
     assert "Valid: " in msg
     registry_default = {"algo.advantage": "grpo", "algo.policy_loss": "ppo_clip", "algo.loss_agg": "token_mean",
                         "algo.kl_estimator": "k3"}
     assert registry_default[override.split("=")[0]] in msg.split("Valid: ")[1]
-    assert not Path(cfg.run.output_dir).exists()
+    assert not Path(tiny_config().run.output_dir).exists()
 
 
 def test_unknown_reward_name_fails_before_model_load(tiny_config, no_model_load, capsys, tmp_path):

@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 
 from postrl.config import save_config
 from postrl.trainer import TrainingError, train
-from postrl.trainer import checkpoint as ckpt_mod
-from postrl.trainer.checkpoint import latest_checkpoint, list_checkpoints, load_trainer_state, save_checkpoint
+from postrl.run import checkpoint as ckpt_mod
+from postrl.run.checkpoint import latest_checkpoint, list_checkpoints, load_trainer_state, save_checkpoint
 
 # a config in which learning happens: sampled completions (temperature 1), groups of 4, lr 1e-3
 LEARN = ("train.lr=1e-3", "rollout.n=4", "rollout.temperature=1.0", "run.threads=1")
@@ -131,9 +131,9 @@ def test_checkpoint_is_plain_hugging_face(tiny_config, tiny_model_dir):
 
     st = load_trainer_state(ckpt)
     assert st["run_state"]["step"] == 2
-    assert {"optimizer", "scheduler", "sampler", "rng"} <= set(st)
+    assert {"optimizer", "scheduler", "rng", "job"} <= set(st) and st["format"] == 2 and st["kind"] == "train"
     assert st["optimizer"]["state"], "Adam moments must be saved"
-    assert st["sampler"]["position"] == 2 * 4  # 2 steps x 4 prompts
+    assert st["job"]["sampler"]["position"] == 2 * 4  # 2 steps x 4 prompts
     assert {"python", "numpy", "torch"} <= set(st["rng"])
 
 

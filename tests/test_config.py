@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from postrl.config import (
+    MOVED_KEYS,
     Config,
     ConfigError,
+    PreferenceConfig,
+    Problems,
     RewardSpec,
+    StageSpec,
     TrainConfig,
+    check_command,
     from_dict,
     load_config,
     save_config,
@@ -211,9 +217,15 @@ def test_validation_accepts_valid_choices() -> None:
     assert cfg.model.device == "cuda:1"
 
 
-def test_registry_names_not_validated() -> None:
-    cfg = load_config(None, ["algo.advantage=my_adv", "algo.policy_loss=x", "rewards.0.name=mod:fn"])
-    assert cfg.algo.advantage == "my_adv"
+def test_registry_names_validated_but_not_reward_names() -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["algo.advantage=my_adv", "algo.policy_loss=x", "preference.loss=orp"])
+    msg = str(exc.value)
+    assert "Unknown advantage estimator 'my_adv' for algo.advantage." in msg
+    assert "Unknown policy loss 'x' for algo.policy_loss." in msg
+    assert "Unknown preference loss 'orp' for preference.loss. Did you mean 'orpo'?" in msg
+    # reward names are resolved by postrl.rewards when a trainer starts, not by the config
+    assert load_config(None, ["rewards.0.name=mod:fn"]).rewards[0].name == "mod:fn"
 
 
 def test_validation_collects_all_errors() -> None:
@@ -237,3 +249,213 @@ def test_round_trip(tmp_path: Path) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+# --------------------------------------------------------------------------------------------------
+# each section validates itself
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "section, change, key",
+    [
+        ("model", {"dtype": "fp16"}, "model.dtype"),
+        ("data", {"source": "hf"}, "data.source"),
+        ("rollout", {"temperature": 0.0}, "rollout.temperature"),
+        ("scoring", {"eps": 0.0}, "scoring.eps"),
+        ("algo", {"gamma": 2.0}, "algo.gamma"),
+        ("critic", {"lr": 0.0}, "critic.lr"),
+        ("train", {"epochs": 0}, "train.epochs"),
+        ("eval", {"batch_size": 0}, "eval.batch_size"),
+        ("run", {"seed": -1}, "run.seed"),
+        ("preference", {"beta": 0.0}, "preference.beta"),
+        ("sft", {"epochs": 0}, "sft.epochs"),
+    ],
+)
+def test_rule_fires_from_its_own_section(section: str, change: dict, key: str) -> None:
+    cfg = Config()
+    setattr(cfg, section, dataclasses.replace(getattr(cfg, section), **change))
+    for f in dataclasses.fields(Config):  # only the changed section reports a problem
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            problems = Problems()
+            value.validate(problems, cfg)
+            if f.name == section:
+                assert len(problems.messages) == 1 and problems.messages[0].startswith(f"{key}="), problems.messages
+            else:
+                assert problems.messages == [], (f.name, problems.messages)
+    with pytest.raises(ConfigError, match=f"Invalid config:\n  - {key}="):
+        validate(cfg)
+
+
+def test_list_entries_validate_themselves() -> None:
+    problems = Problems()
+    RewardSpec(weight=float("inf")).validate(problems, "rewards.3")
+    StageSpec(kind="ppo").validate(problems, "stages.1")
+    assert problems.messages[0].startswith("rewards.3.weight=inf: must be finite")
+    assert problems.messages[1].startswith("stages.1.kind='ppo' is not valid")
+    assert len(problems.messages) == 2
+
+
+# --------------------------------------------------------------------------------------------------
+# keys that moved: algo.beta & co. are preference.* now
+# --------------------------------------------------------------------------------------------------
+
+
+def test_preference_loss_keys_live_in_preference() -> None:
+    cfg = load_config({"preference": {"loss": "cdpo", "beta": 0.2, "label_smoothing": 0.1}})
+    assert (cfg.preference.loss, cfg.preference.beta, cfg.preference.label_smoothing) == ("cdpo", 0.2, 0.1)
+    rl_keys = {f.name for f in dataclasses.fields(cfg.algo)}
+    assert not rl_keys & {"preference_loss", "beta", "label_smoothing", "simpo_gamma", "orpo_lambda", "slic_delta",
+                          "slic_lambda", "kto_lambda_d", "kto_lambda_u"}
+
+
+@pytest.mark.parametrize("old, new", sorted(MOVED_KEYS.items()))
+def test_moved_key_names_its_new_place(tmp_path: Path, old: str, new: str) -> None:
+    value = "dpo" if old == "algo.preference_loss" else "0.1"
+    section, key = old.split(".")
+    expected = f"{old} moved to {new}"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, [f"{old}={value}"])
+    with pytest.raises(ConfigError, match=expected):
+        load_config(write(tmp_path, f"{section}:\n  {key}: {value}\n"))
+    with pytest.raises(ConfigError, match=expected):  # as in a pipeline stage's config
+        from_dict(Config, {section: {key: value}})
+    new_section, new_key = new.split(".")
+    assert str(getattr(from_dict(Config, {new_section: {new_key: value}}).preference, new_key)) == value
+
+
+def test_moved_keys_are_the_preference_loss_parameters() -> None:
+    assert MOVED_KEYS == {
+        "algo.preference_loss": "preference.loss",
+        **{f"algo.{key}": f"preference.{key}" for key in (
+            "beta", "label_smoothing", "simpo_gamma", "orpo_lambda", "slic_delta", "slic_lambda", "kto_lambda_d",
+            "kto_lambda_u")},
+    }
+    preference_keys = {f.name for f in dataclasses.fields(PreferenceConfig)}
+    assert {new.split(".")[1] for new in MOVED_KEYS.values()} <= preference_keys
+
+
+# --------------------------------------------------------------------------------------------------
+# load_config sources: a path, a mapping, a Config
+# --------------------------------------------------------------------------------------------------
+
+
+def test_load_config_from_a_dict_with_overrides() -> None:
+    source = {"train": {"lr": 1e-5, "steps": 3}, "data": {"task_kwargs": {"ops": {"plus": True}}}}
+    before = {"train": {"lr": 1e-5, "steps": 3}, "data": {"task_kwargs": {"ops": {"plus": True}}}}
+    cfg = load_config(source, ["train.steps=7", "rollout.n=4"])
+    assert cfg.train.lr == pytest.approx(1e-5) and cfg.train.steps == 7 and cfg.rollout.n == 4
+    cfg.data.task_kwargs["ops"]["plus"] = False
+    assert source == before  # neither loading nor changing the result touches the caller's dict
+    assert load_config({}) == Config()
+    with pytest.raises(ConfigError, match="Did you mean 'train.lr'"):
+        load_config({"train": {"lrr": 1e-5}})
+
+
+def test_load_config_from_a_config_copies_it() -> None:
+    original = Config()
+    original.train.steps = 5
+    original.data.task_kwargs["num_terms"] = 2
+    cfg = load_config(original, ["train.lr=1e-5", "data.task_kwargs.num_terms=3"])
+    assert cfg.train.steps == 5 and cfg.train.lr == pytest.approx(1e-5) and cfg.data.task_kwargs == {"num_terms": 3}
+    assert original.train.lr == TrainConfig().lr and original.data.task_kwargs == {"num_terms": 2}  # not mutated
+    assert cfg is not original and load_config(original) == original
+    original.rollout.n = 1  # a Config built by hand is validated too
+    with pytest.raises(ConfigError, match="rollout.n=1"):
+        load_config(original)
+
+
+def test_load_config_from_a_path_with_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, "preference:\n  loss: ipo\n  beta: 0.5\n")
+    for source in (path, str(path)):
+        cfg = load_config(source, ["preference.beta=0.25", "train.steps=2"])
+        assert (cfg.preference.loss, cfg.preference.beta, cfg.train.steps) == ("ipo", 0.25, 2)
+
+
+# --------------------------------------------------------------------------------------------------
+# RL combinations that do not fit together (formerly checked when the RL trainer started)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, settings",
+    [
+        (["algo.kl_in_reward=true"], ["algo.kl_in_reward", "algo.kl_coef"]),
+        (["algo.kl_target=0.01"], ["algo.kl_target", "algo.kl_coef"]),
+        (["algo.policy_loss=gspo"], ["algo.policy_loss=gspo", "algo.loss_agg"]),
+        (["algo.policy_loss=cispo", "algo.dual_clip_c=3"], ["algo.dual_clip_c", "algo.policy_loss"]),
+        (["algo.advantage=bnpo", "algo.kl_in_reward=true", "algo.kl_coef=0.1"],
+         ["algo.advantage=bnpo", "algo.kl_in_reward"]),
+        (["algo.advantage=bnpo", "algo.overlong_buffer=4"], ["algo.advantage=bnpo", "algo.overlong_buffer"]),
+        (["algo.advantage=remax", "algo.dynamic_sampling=true"], ["algo.advantage=remax", "algo.dynamic_sampling"]),
+        (["algo.advantage=remax", "scoring.normalize=normalize_each_then_sum"],
+         ["algo.advantage=remax", "scoring.normalize"]),
+    ],
+)
+def test_incompatible_rl_combination_is_refused_naming_both_settings(overrides: list[str], settings: list[str]) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, overrides)
+    problems = str(exc.value).splitlines()[1:]
+    assert len(problems) == 1, problems  # exactly one rule fires
+    assert all(setting in problems[0] for setting in settings), problems[0]
+
+
+def test_compatible_rl_combinations_load() -> None:
+    load_config(None, ["algo.policy_loss=gspo", "algo.loss_agg=seq_mean_token_mean"])
+    load_config(None, ["algo.kl_in_reward=true", "algo.kl_coef=0.05", "algo.kl_target=0.01"])
+    load_config(None, ["algo.dual_clip_c=3"])
+    load_config(None, ["algo.advantage=remax", "train.mini_batch_size=32"])
+    load_config(None, ["algo.advantage=grpo", "algo.dynamic_sampling=true",
+                       "scoring.normalize=normalize_each_then_sum"])
+
+
+def test_group_size_is_required_once() -> None:
+    # rollout.n >= 2 is one rule of the rollout section; no other section repeats it
+    with pytest.raises(ConfigError) as exc:
+        load_config(None, ["rollout.n=1", "algo.advantage=rloo", "scoring.normalize=normalize_each_then_sum"])
+    problems = str(exc.value).splitlines()[1:]
+    assert len(problems) == 1 and problems[0].startswith("  - rollout.n=1:"), problems
+
+
+# --------------------------------------------------------------------------------------------------
+# rules that depend on the command
+# --------------------------------------------------------------------------------------------------
+
+
+def test_check_command() -> None:
+    online = load_config(None, ["preference.online=true"])
+    with pytest.raises(ConfigError, match="preference.online applies to postrl dpo, not postrl rm; set "
+                                          "preference.online=false"):
+        check_command(online, "rm")
+    check_command(online, "dpo")  # a paired loss online is fine
+    check_command(online, "train")
+    online_kto = load_config(None, ["preference.online=true", "preference.loss=kto"])
+    with pytest.raises(ConfigError, match="preference.online builds chosen/rejected pairs; preference.loss=kto"):
+        check_command(online_kto, "dpo")
+    offline_kto = load_config(None, ["preference.loss=kto"])
+    for command in ("dpo", "rm", "sft", "train", "pipeline", "eval", "grpo", "rl"):
+        check_command(offline_kto, command)
+    with pytest.raises(ValueError, match="unknown command 'dpoo'"):
+        check_command(offline_kto, "dpoo")
+
+
+# --------------------------------------------------------------------------------------------------
+# rollout.backend and run.report_to
+# --------------------------------------------------------------------------------------------------
+
+
+def test_rollout_backend_and_report_to() -> None:
+    cfg = load_config(None)
+    assert cfg.rollout.backend == "torch" and cfg.run.report_to == []
+    cfg = load_config(None, ["rollout.backend=openai_server", "run.report_to=[tensorboard, wandb]"])
+    assert cfg.rollout.backend == "openai_server" and cfg.run.report_to == ["tensorboard", "wandb"]
+    # names are checked by the backend factory and the trackers when the run starts, not here
+    cfg = load_config(None, ["rollout.backend=my_engine", "run.report_to=[my_tracker]"])
+    assert cfg.rollout.backend == "my_engine" and cfg.run.report_to == ["my_tracker"]
+    with pytest.raises(ConfigError, match="rollout.backend='': must not be empty"):
+        load_config(None, ["rollout.backend=''"])
+    with pytest.raises(ConfigError, match="run.report_to=.*names wandb more than once"):
+        load_config(None, ["run.report_to=[wandb, tensorboard, wandb]"])
+    with pytest.raises(ConfigError, match=r"'run\.report_to' expects list\[str\]"):
+        load_config({"run": {"report_to": "wandb"}})

@@ -45,7 +45,7 @@ def dpo_config(tiny_model_dir, pairs_file, tmp_path):
     def make(*overrides):
         base = [f"model.name_or_path={tiny_model_dir}", f"preference.path={pairs_file}", "preference.eval_size=40",
                 "preference.batch_size=8", "preference.max_length=64", "preference.max_prompt_length=32",
-                "train.lr=1e-3", "algo.beta=0.5", f"run.output_dir={tmp_path / 'runs'}", "run.name=d",
+                "train.lr=1e-3", "preference.beta=0.5", f"run.output_dir={tmp_path / 'runs'}", "run.name=d",
                 "run.progress=false"]
         return load_config(None, base + list(overrides))
 
@@ -92,7 +92,7 @@ def test_dpo_loss_equals_trl(tiny_model_dir, tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in TRL_ROWS))
     cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", f"preference.path={path}",
-                             "preference.eval_size=0", "preference.batch_size=4", "algo.beta=0.1",
+                             "preference.eval_size=0", "preference.batch_size=4", "preference.beta=0.1",
                              f"run.output_dir={tmp_path / 'runs'}", "run.progress=false", "model.dtype=float32"])
     ours = PreferenceTrainer(cfg)
     ref_logps = ours._ref_for(ref, ours.data.train, None)
@@ -130,7 +130,7 @@ def test_dpo_learns_held_out_preferences(dpo_config, monkeypatch):
 
 def test_reference_free_loss_loads_no_reference(dpo_config, monkeypatch):
     monkeypatch.setattr(PreferenceTrainer, "_ref_for", lambda *a: pytest.fail("reference log-probs computed"))
-    run_dir, res = train_dpo(dpo_config("algo.preference_loss=simpo", "algo.beta=2.0", "preference.train_size=16",
+    run_dir, res = train_dpo(dpo_config("preference.loss=simpo", "preference.beta=2.0", "preference.train_size=16",
                                         "eval.before=false"))
     assert not (run_dir / "ref_logps.pt").exists()
     assert res["steps"] == 2 and "accuracy" in res["eval_after"]
@@ -164,12 +164,12 @@ def test_kto_unpaired_and_on_pairs(dpo_config, tmp_path):
             good = i % 2 == 0
             text = "".join(rng.choice("abcde" if good else "vwxyz") for _ in range(3))
             f.write(json.dumps({"prompt": f"q {i}", "completion": text, "label": good}) + "\n")
-    _, res = train_dpo(dpo_config("algo.preference_loss=kto", f"preference.path={path}", "preference.eval_size=16"))
+    _, res = train_dpo(dpo_config("preference.loss=kto", f"preference.path={path}", "preference.eval_size=16"))
     assert res["data"]["train"] == 48 and res["steps"] == 6
     # separable desirable (a-e) / undesirable (v-z) completions: KTO's implicit reward learns the split
     assert res["eval_before"]["accuracy"] < 0.5 and res["eval_after"]["accuracy"] >= 0.9
     # KTO on paired data: each pair becomes one desirable and one undesirable example
-    _, res = train_dpo(dpo_config("algo.preference_loss=kto", "preference.train_size=8", "preference.eval_size=8"))
+    _, res = train_dpo(dpo_config("preference.loss=kto", "preference.train_size=8", "preference.eval_size=8"))
     assert res["steps"] == 2  # 16 unpaired examples / 8
 
 
@@ -182,17 +182,17 @@ def test_paired_loss_on_unpaired_data_is_refused(dpo_config, tmp_path):
 
 def test_config_errors():
     with pytest.raises(ConfigError, match="label_smoothing"):
-        load_config(None, ["algo.label_smoothing=0.1"])  # dpo ignores label smoothing: refused
+        load_config(None, ["preference.label_smoothing=0.1"])  # dpo ignores label smoothing: refused
     with pytest.raises(ConfigError, match="max_prompt_length"):
         load_config(None, ["preference.max_length=16", "preference.max_prompt_length=16"])
     with pytest.raises(ConfigError, match="micro_batch_size=3 must divide"):
         load_config(None, ["preference.batch_size=8", "preference.micro_batch_size=3"])
-    load_config(None, ["algo.preference_loss=cdpo", "algo.label_smoothing=0.1"])
+    load_config(None, ["preference.loss=cdpo", "preference.label_smoothing=0.1"])
 
 
 def test_unknown_loss_name(dpo_config):
     with pytest.raises(ConfigError, match="Did you mean 'orpo'"):
-        train_dpo(dpo_config("algo.preference_loss=orp"))
+        train_dpo(dpo_config("preference.loss=orp"))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -204,7 +204,7 @@ def test_unknown_loss_name(dpo_config):
 def test_online_dpo_rounds(tiny_config, selection):
     cfg = tiny_config("preference.online=true", "preference.rounds=2", "preference.prompts_per_round=8",
                       "rollout.n=4", "rollout.max_new_tokens=3", "preference.batch_size=4",
-                      f"preference.pair_selection={selection}", "algo.beta=0.5", "eval.after=true",
+                      f"preference.pair_selection={selection}", "preference.beta=0.5", "eval.after=true",
                       "data.eval_size=8")
     run_dir, res = train_dpo(cfg)
     rounds = res["rounds"]
@@ -220,7 +220,7 @@ def test_online_dpo_rounds(tiny_config, selection):
 
 def test_online_kto_refused(tiny_config):
     with pytest.raises(ConfigError, match="kto"):
-        train_dpo(tiny_config("preference.online=true", "algo.preference_loss=kto"))
+        train_dpo(tiny_config("preference.online=true", "preference.loss=kto"))
 
 
 # ------------------------------------------------------------------------------------------------------------

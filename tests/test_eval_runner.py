@@ -91,7 +91,7 @@ def test_task_specs():
     assert len(task.problems) == 5 and task.source.task_kwargs == {"min_terms": 2, "max_terms": 2}
     # the same held-out problems as a training run with data.seed=3 and the default train_size
     from postrl.config import load_config
-    from postrl.trainer.rl import build_data_source
+    from postrl.data import build_data_source
 
     cfg = load_config(None, ["data.seed=3", "data.eval_size=5", "data.task_kwargs={min_terms: 2, max_terms: 2}"])
     assert [s.question for s in build_data_source(cfg).eval] == [s.question for s in task.problems]
@@ -128,27 +128,26 @@ def test_champ_task_and_scoring():
 def test_heldout_eval_greedy_and_pass_at_k(tiny_model_dir, copy_task):
     from postrl.data import build_messages, render_prompt
     from postrl.models.loading import load_model_and_tokenizer
-    from postrl.rollout.generator import Generator, SamplingParams
+    from postrl.rollout import SamplingParams, build_backend
 
     model, tok, _ = load_model_and_tokenizer(str(tiny_model_dir), device="cpu")
     model.train()
-    gen = Generator(model, tok.eos_token_id, tok.pad_token_id)
+    backend = build_backend("torch", model, tok)
     task = build_task(f"{copy_task}:size=6")
     render = lambda s: render_prompt(tok, build_messages(s))  # noqa: E731
-    ev = heldout_eval(gen, tok, task.source, task.problems, render, 2, batch_size=8, n=4, ks=[1, 4])
+    ev = heldout_eval(backend, tok, task.source, task.problems, render, 2, batch_size=8, n=4, ks=[1, 4])
     assert set(ev) >= {"accuracy", "reward_mean", "response_len_mean", "n", "examples", "pass@k"}
     assert ev["n"] == 6 and sorted(ev["pass@k"]) == ["1", "4"] and ev["pass@k"]["1"] <= ev["pass@k"]["4"]
     assert model.training  # restored after evaluation
     prompts = [render(s) for s in task.problems]
     # the greedy figures are those of the greedy completions, scored by the task
-    model.eval()
-    greedy = generate_and_score(gen, tok, task.source, task.problems, prompts, 1, SamplingParams(2, temperature=0.0))
+    greedy = generate_and_score(backend, tok, task.source, task.problems, prompts, 1,
+                                SamplingParams(2, temperature=0.0))
     assert ev["accuracy"] == pytest.approx(sum(r[0] for r in greedy.correct) / 6)
     assert ev["reward_mean"] == pytest.approx(sum(r[0] for r in greedy.scores) / 6)
     assert ev["response_len_mean"] == pytest.approx(sum(r[0] for r in greedy.lengths) / 6)
-    a = generate_and_score(gen, tok, task.source, task.problems, prompts, 3, SamplingParams(2), seed=5, batch_size=7)
-    b = generate_and_score(gen, tok, task.source, task.problems, prompts, 3, SamplingParams(2), seed=5, batch_size=7)
-    c = generate_and_score(gen, tok, task.source, task.problems, prompts, 3, SamplingParams(2), seed=6, batch_size=7)
+    a, b, c = (generate_and_score(backend, tok, task.source, task.problems, prompts, 3, SamplingParams(2), seed=seed,
+                                  batch_size=7) for seed in (5, 5, 6))
     assert a.texts == b.texts and len(a.texts) == 6 and all(len(r) == 3 for r in a.texts)
     assert a.texts != c.texts  # the seed is used
 

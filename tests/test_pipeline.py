@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import postrl.trainer.pipeline as pipeline
 from postrl.config import ConfigError, StageSpec, load_config
-from postrl.trainer.checkpoint import latest_checkpoint
+from postrl.run.checkpoint import latest_checkpoint
 from postrl.trainer.pipeline import STAGE_DONE, run_pipeline, stage_config
 
 HAS_DPO = importlib.util.find_spec("postrl.trainer.preference") is not None
@@ -55,24 +55,17 @@ def _record_loads(monkeypatch):
     """Every model load of the trainers, tagged with the stage that made it: (stage, path, state dict)."""
     loads: list[tuple[str, str, dict[str, torch.Tensor]]] = []
     current = {"stage": None}
-    import postrl.trainer.rl as rl
-    import postrl.trainer.sft as sft
+    import postrl.models.loading as loading  # every trainer loads through loading.load_from_config
 
-    modules = [rl, sft]
-    if HAS_DPO:
-        import postrl.trainer.preference as pref
+    original = loading.load_model_and_tokenizer
 
-        modules.append(pref)
-    for mod in modules:
-        original = mod.load_model_and_tokenizer
+    def wrapped(name_or_path, *a, **kw):
+        out = original(name_or_path, *a, **kw)
+        loads.append((current["stage"], str(name_or_path),
+                      {k: v.detach().clone() for k, v in out[0].state_dict().items()}))
+        return out
 
-        def wrapped(name_or_path, *a, _orig=original, **kw):
-            out = _orig(name_or_path, *a, **kw)
-            loads.append((current["stage"], str(name_or_path),
-                          {k: v.detach().clone() for k, v in out[0].state_dict().items()}))
-            return out
-
-        monkeypatch.setattr(mod, "load_model_and_tokenizer", wrapped)
+    monkeypatch.setattr(loading, "load_model_and_tokenizer", wrapped)
     run_stage = pipeline.run_stage
 
     def tagged(kind, cfg, stage_dir, resume):
@@ -116,7 +109,7 @@ def test_each_stage_starts_from_the_previous_stage_weights(tiny_config, tiny_mod
         assert max(float((final[k] - expected[k]).abs().max()) for k in final) > 1e-5, info["name"]  # it trained
         prev_final = Path(info["final_model"])
     assert res["final_model"] == str(prev_final)
-    assert Path(res["stages"][0]["final_model"]).parent.parent == run_dir / "stages" / "01-sft"
+    assert Path(res["stages"][0]["final_model"]) == run_dir / "stages" / "01-sft" / "final"  # every stage: final/
 
 
 def test_resume_in_the_middle_of_the_second_stage(tiny_config, monkeypatch):

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from postrl.algorithms.value_losses import clipped_value_loss
 from postrl.trainer import train
-from postrl.trainer.checkpoint import latest_checkpoint, load_trainer_state
+from postrl.run.checkpoint import latest_checkpoint, load_trainer_state
 
 
 def test_clipped_value_loss_by_hand():
@@ -35,7 +35,7 @@ def test_ppo_with_critic_learns_values_and_warms_up(tiny_config):
     assert all(r["value_loss"] >= 0 for r in rows)
     # the zero-initialised value head starts at 0 and moves towards the returns
     assert rows[0]["values_mean"] == 0.0 and rows[-1]["values_mean"] != 0.0
-    state = load_trainer_state(latest_checkpoint(run_dir / "checkpoints"))
+    state = load_trainer_state(latest_checkpoint(run_dir / "checkpoints"))["job"]  # the RL trainer's own state
     assert "critic" in state and "critic_optimizer" in state
     # during warm-up the policy did not move
     assert results["nonfinite_steps"] == 0
@@ -49,8 +49,8 @@ def test_ppo_with_critic_resumes_exactly(tiny_config):
     b = load_file(str(latest_checkpoint(split / "checkpoints") / "model.safetensors"))
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6), k
-    ca = load_trainer_state(latest_checkpoint(straight / "checkpoints"))["critic"]
-    cb = load_trainer_state(latest_checkpoint(split / "checkpoints"))["critic"]
+    ca = load_trainer_state(latest_checkpoint(straight / "checkpoints"))["job"]["critic"]
+    cb = load_trainer_state(latest_checkpoint(split / "checkpoints"))["job"]["critic"]
     for k in ca:
         assert torch.allclose(ca[k], cb[k], atol=1e-6), k
     assert [r["value_loss"] for r in read_metrics(straight)] == pytest.approx(

@@ -15,7 +15,7 @@ from postrl.algorithms.preference import (
     rso_accept,
     rso_pair,
 )
-from postrl.config import AlgoConfig
+from postrl.config import PreferenceConfig
 
 ALL = ("dpo", "ipo", "cdpo", "robust_dpo", "simpo", "orpo", "kto", "slic")
 
@@ -35,7 +35,7 @@ def pairs(chosen, rejected, ref_chosen=None, ref_rejected=None, chosen_len=None,
 
 
 def cfg(**kw):
-    return AlgoConfig(**kw)
+    return PreferenceConfig(**kw)
 
 
 # Pair 1: chosen -2 vs ref -3 (log-ratio +1), rejected -4 vs ref -3 (log-ratio -1): h = 2.
@@ -94,7 +94,7 @@ def test_ipo():
 def test_cdpo_label_smoothing():
     # beta h = 1, eps = 0.1: 0.9 * 0.3132617 + 0.1 * 1.3132617 = 0.2819355 + 0.1313262 = 0.4132617;
     # h = 0: 0.9 log 2 + 0.1 log 2 = log 2. eps = 0 is plain DPO.
-    c = cfg(beta=0.5, label_smoothing=0.1, preference_loss="cdpo")
+    c = cfg(beta=0.5, label_smoothing=0.1, loss="cdpo")
     loss, st = PREFERENCE_LOSSES["cdpo"](pairs(**REF_PAIRS), c)
     assert loss.tolist() == pytest.approx([0.9 * NLS1 + 0.1 * NLS_1, math.log(2)], abs=1e-9)
     assert loss[0].item() == pytest.approx(0.4132617, abs=1e-7)
@@ -106,7 +106,7 @@ def test_cdpo_label_smoothing():
 def test_robust_dpo():
     # ((1 - 0.1) * 0.3132617 - 0.1 * 1.3132617) / (1 - 0.2) = (0.2819355 - 0.1313262) / 0.8 = 0.1882617;
     # h = 0: (0.9 - 0.1) log 2 / 0.8 = log 2.
-    c = cfg(beta=0.5, label_smoothing=0.1, preference_loss="robust_dpo")
+    c = cfg(beta=0.5, label_smoothing=0.1, loss="robust_dpo")
     loss, _ = PREFERENCE_LOSSES["robust_dpo"](pairs(**REF_PAIRS), c)
     assert loss.tolist() == pytest.approx([0.1882617, math.log(2)], abs=1e-7)
     with pytest.raises(ValueError, match="label_smoothing < 0.5"):

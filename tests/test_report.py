@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from postrl.cli import main
 from postrl.config import load_config, save_config
@@ -32,6 +33,8 @@ from postrl.eval.report import (
     sample_log_record,
     should_log_samples,
 )
+from postrl.rollout.batch import RolloutBatch
+from postrl.rollout.generator import Generation
 from postrl.trainer import train
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -156,16 +159,26 @@ def test_should_log_samples_cadence():
         should_log_samples(0, 10)
 
 
+def scored_batch(samples, texts, rewards, components, correct, group_size) -> RolloutBatch:
+    """A rollout batch of one-token completions with the given texts and scores."""
+    B = len(samples)
+    ones = torch.ones(B, 1, dtype=torch.long)
+    gen = Generation([[1]] * B, ones, ones.clone(), torch.zeros(B, 1), torch.zeros(B, dtype=torch.bool), 1,
+                     torch.zeros(B, 1))
+    batch = RolloutBatch.from_generation(gen, samples, ["prompt"] * B, texts, group_size, policy_version=0)
+    batch.rewards, batch.components, batch.correct = torch.tensor(rewards, dtype=torch.float64), components, correct
+    batch.validate()
+    return batch
+
+
 def test_sample_log_record_best_worst_and_truncation():
     s = [SimpleNamespace(question=f"q{g}", answer=str(g)) for g in range(3) for _ in range(3)]
     long = "x" * (MAX_COMPLETION_CHARS + 25)
-    batch = {
-        "samples": s,
-        "texts": ["a", "b", long, "d", "e", "f", "g", "h", "i"],
-        "rewards": [0.5, 1.0, 1.0, 0.0, 0.0, 0.0, float("nan"), 2.0, 3.0],
-        "components": {"task": [0, 1, 1, 0, 0, 0, 0, 1, 1], "fmt": [0.5, 0, 0, 0, 0, 0, 0, 1, 2]},
-        "correct": [False, True, True, False, False, False, False, True, True],
-    }
+    batch = scored_batch(
+        s, ["a", "b", long, "d", "e", "f", "g", "h", "i"],
+        [0.5, 1.0, 1.0, 0.0, 0.0, 0.0, float("nan"), 2.0, 3.0],
+        {"task": [0, 1, 1, 0, 0, 0, 0, 1, 1], "fmt": [0.5, 0, 0, 0, 0, 0, 0, 1, 2]},
+        [False, True, True, False, False, False, False, True, True], group_size=3)
     rec = sample_log_record(7, batch, group_size=3)
     assert rec["step"] == 7 and len(rec["groups"]) == 2  # SAMPLE_LOG_GROUPS = 2 of the 3 groups
     g0, g1 = rec["groups"]
@@ -181,7 +194,7 @@ def test_sample_log_record_best_worst_and_truncation():
     assert g2["rewards"] == [None, 2.0, 3.0] and g2["worst"]["index"] == 0 and g2["best"]["index"] == 2
     json.dumps(rec, allow_nan=False)
     # truncation is marked
-    batch["rewards"][2] = 5.0
+    batch.rewards[2] = 5.0
     best = sample_log_record(1, batch, 3)["groups"][0]["best"]
     assert best["text"] == "x" * MAX_COMPLETION_CHARS + " [... 25 more characters]"
     with pytest.raises(ValueError, match="not a multiple of group_size 4"):

@@ -233,3 +233,158 @@ def test_trainer_logs_each_component_and_error_fraction(tiny_config):
         assert "reward/task" in row and row["reward/_test_status"] == pytest.approx(0.5)
         assert row["reward_error_frac/task"] == 0.0
         assert any(k.startswith("reward_status/_test_status/") for k in row)
+
+
+# ----- text prompts and prompt ids ----------------------------------------------------------------------
+def test_batch_with_token_id_prompts_is_refused_with_a_clear_message():
+    with pytest.raises(TypeError, match=r"prompts\[0\] is a list .*prompt_ids="):
+        RewardBatch(prompts=[[1, 2, 3]], completions=["a"], completion_ids=[[4]], samples=_samples(1))
+    pipe = RewardPipeline([RewardSpec("_test_status")])
+    with pytest.raises(TypeError, match="not str"):
+        pipe(["a", "b"], _samples(2), prompts=[[1, 2], [3]])
+    with pytest.raises(ValueError, match="prompt_ids has 1 entries"):
+        RewardBatch(["p", "q"], ["a", "b"], [[1], [2]], _samples(2), prompt_ids=[[1]])
+
+
+def test_a_reward_sees_text_prompts_and_prompt_ids():
+    seen = {}
+
+    @register_reward("_test_sees_prompts", batched=True)
+    def sees(batch):
+        seen["prompts"], seen["prompt_ids"] = batch.prompts, batch.prompt_ids
+        return [1.0] * len(batch)
+
+    pipe = RewardPipeline([RewardSpec("_test_sees_prompts")])
+    pipe(["a", "b"], _samples(2), prompts=["<|user|>q0", "<|user|>q1"], prompt_ids=[[2, 7], [2, 8]])
+    assert seen == {"prompts": ["<|user|>q0", "<|user|>q1"], "prompt_ids": [[2, 7], [2, 8]]}
+    pipe(["a"], _samples(1))  # no prompt ids given: None, prompts default to ""
+    assert seen == {"prompts": [""], "prompt_ids": None}
+
+
+# ----- Python callables as rewards ----------------------------------------------------------------------
+def _meta_samples():
+    return [Sample("copy 12", "12", {"task": "toy-copy", "tests": [1]}, uid="a"),
+            Sample("copy 34", "34", {"task": "toy-copy", "extra": "x"}, uid="b")]
+
+
+def test_trl_style_function_gets_text_prompts_ids_answers_and_metadata_columns():
+    calls = []
+
+    def trl_reward(prompts, completions, completion_ids, **kwargs):
+        calls.append(dict(kwargs, prompts=prompts, completions=completions, completion_ids=completion_ids))
+        return [float(c == a) for c, a in zip(completions, kwargs["answer"])]
+
+    pipe = RewardPipeline([trl_reward])
+    res = pipe(["12", "35"], _meta_samples(), prompts=["P0", "P1"], completion_ids=[[1, 2], [3, 5]],
+               prompt_ids=[[9], [8]])
+    assert res.components == {"python:trl_reward": [1.0, 0.0]} and not res.errors
+    (kw,) = calls  # one call per batch
+    assert kw["prompts"] == ["P0", "P1"] and kw["completions"] == ["12", "35"]
+    assert kw["completion_ids"] == [[1, 2], [3, 5]] and kw["prompt_ids"] == [[9], [8]]
+    assert kw["answer"] == ["12", "34"] and kw["question"] == ["copy 12", "copy 34"]
+    assert kw["task"] == ["toy-copy", "toy-copy"]
+    assert kw["tests"] == [[1], None] and kw["extra"] == [None, "x"]
+
+
+def test_trl_style_function_without_kwargs_gets_only_what_it_names_plus_spec_kwargs():
+    def exact(completions, answer, bonus=0.0):
+        return [bonus + float(c == a) for c, a in zip(completions, answer)]
+
+    pipe = RewardPipeline([{"fn": exact, "weight": 2.0, "name": "exact", "kwargs": {"bonus": 0.5}}])
+    res = pipe(["12", "0"], _meta_samples())
+    assert res.components["exact"] == [1.5, 0.5] and res.total == [3.0, 1.0]
+
+
+def test_trl_style_none_or_nan_fails_one_completion_and_wrong_length_fails_the_batch(caplog):
+    def gaps(prompts, completions, **kw):
+        return [None, float("nan"), 1.0]
+
+    def too_short(prompts, completions, **kw):
+        return [1.0]
+
+    with caplog.at_level("WARNING", logger="postrl.rewards"):
+        res = RewardPipeline([gaps, too_short])(["a", "b", "c"], _samples(3))
+    assert res.components["python:gaps"] == [0.0, 0.0, 1.0]
+    assert res.failed["python:gaps"] == [True, True, False]
+    assert res.failed["python:too_short"] == [True, True, True]
+    assert res.errors[("python:too_short", "InvalidValue")] == 3
+    assert "python:too_short" in caplog.text and "returned 1 values for 3 completions" in caplog.text
+    assert "too_short" in caplog.text.split("returned 1 values")[0]  # the function is named
+
+
+def test_postrl_style_objects_per_completion_batched_and_registered():
+    def per_completion(completion, sample, scale=1.0):
+        return scale * len(completion)
+
+    def batched(batch):
+        return [float(len(ids)) for ids in batch.completion_ids]
+
+    pipe = RewardPipeline([(per_completion, 0.5), batched, batched_ids, CountingReward])
+    res = pipe(["ab", "c"], _samples(2, answer="c"), completion_ids=[[1, 2, 3], [4]])
+    assert res.components["python:per_completion"] == [2.0, 1.0]
+    assert res.components["python:batched"] == [3.0, 1.0]
+    assert res.components["_test_batched"] == [3.0, 1.0]  # decorated: keeps its name and shape
+    assert res.components["_test_counter"] == [0.0, 1.0]  # a registered class is built with the context
+    assert res.total == [1.0 + 3 + 3 + 0, 0.5 + 1 + 1 + 1]
+
+
+def test_reward_style_rule_and_clear_errors():
+    from postrl.rewards import reward_style
+
+    assert reward_style(lambda prompts, completions, **kw: []) == "trl"
+    assert reward_style(lambda completions, **kw: []) == "trl"
+    assert reward_style(lambda **kwargs: []) == "trl"
+    assert reward_style(lambda completion, sample, **kw: 0.0) == "completion"
+    assert reward_style(lambda batch: []) == "batch"
+    for bad in (lambda text, gold: 0.0, lambda: 0.0, lambda *args: 0.0):
+        with pytest.raises(TypeError, match="cannot tell how to call it.*prompts, completions.*completion, sample"):
+            RewardPipeline([bad])
+
+    class NotRegistered:
+        def __call__(self, batch):
+            return []
+
+    with pytest.raises(TypeError, match="register_reward"):
+        RewardPipeline([NotRegistered])
+    assert RewardPipeline([NotRegistered()]).items[0].entry.batched  # an instance is a batched function
+    with pytest.raises(TypeError, match="not a reward"):
+        RewardPipeline([3])
+    with pytest.raises(TypeError, match="finite number"):
+        RewardPipeline([(batched_ids, "heavy")])
+    with pytest.raises(TypeError, match="unknown keys"):
+        RewardPipeline([{"fn": batched_ids, "wieght": 2}])
+
+
+def test_python_rewards_registers_then_unregisters_and_makes_names_unique():
+    from postrl.rewards import python_rewards
+
+    def score(prompts, completions, **kw):
+        return [1.0] * len(completions)
+
+    def other():  # a second function with the same __name__
+        def score(completion, sample):
+            return 0.0
+        return score
+
+    before = set(REWARDS)
+    with python_rewards({score: 2.0, other(): 1.0, "_test_status": 0.5}) as specs:
+        assert [(s.name, s.weight) for s in specs] == [("python:score", 2.0), ("python:score#2", 1.0),
+                                                      ("_test_status", 0.5)]
+        assert REWARDS["python:score"].fn is score and REWARDS["python:score"].trl_style
+        assert not REWARDS["python:score#2"].batched
+        res = RewardPipeline(specs)(["a"], _samples(1))  # the specs travel by name, as in a config
+        assert res.components == {"python:score": [1.0], "python:score#2": [0.0], "_test_status": [0.5]}
+    assert set(REWARDS) == before
+    with pytest.raises(RuntimeError):
+        with python_rewards([score]):
+            assert "python:score" in REWARDS
+            raise RuntimeError("the trainer failed")
+    assert set(REWARDS) == before
+    with pytest.raises(ConfigError, match="taken"):
+        with python_rewards([{"fn": score, "name": "_test_status"}]):
+            pass
+    with pytest.raises(ConfigError, match="empty"):
+        with python_rewards([]):
+            pass
+    with pytest.raises(ConfigError, match="registered in-process.*rewards="):
+        resolve_reward("python:score")

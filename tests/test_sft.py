@@ -24,7 +24,7 @@ from postrl.data.sft import (
 )
 from postrl.data.sources import DataError
 from postrl.models.tiny import build_char_tokenizer
-from postrl.trainer.checkpoint import latest_checkpoint
+from postrl.run.checkpoint import latest_checkpoint
 from postrl.trainer.sft import sft_loss, sft_token_nll, train_sft
 
 

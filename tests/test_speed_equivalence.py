@@ -190,10 +190,10 @@ def test_length_sorted_micro_batches_give_the_same_gradient(tiny_config):
     trainer = RLTrainer(cfg)
     trainer.skip_zero_advantage = False
     batch = trainer.rollout(0)
-    lengths = batch["gen"].lengths
+    lengths = batch.lengths
     assert len(set(lengths.tolist())) > 1  # varied lengths, so sorting really reorders the micro batches
     assert not torch.equal(length_sorted_order(lengths), torch.arange(len(lengths)))
-    batch["rewards"] = [float(i % 3) for i in range(len(batch["rewards"]))]  # non-zero advantages
+    batch.rewards = torch.tensor([float(i % 3) for i in range(len(batch))], dtype=torch.float64)  # non-zero advantages
     sorted_grads = _update_grads(trainer, batch, sort=True)
     plain_grads = _update_grads(trainer, batch, sort=False)
     assert sorted_grads and len(sorted_grads) == len(plain_grads)
@@ -201,4 +201,4 @@ def test_length_sorted_micro_batches_give_the_same_gradient(tiny_config):
     assert scale > 0
     for a, b in zip(sorted_grads, plain_grads):
         assert torch.allclose(a, b, atol=1e-5 * scale, rtol=1e-5)
-    trainer.rewards.close()
+    trainer.close()

@@ -61,7 +61,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from postrl.config import AlgoConfig
+# ``cfg: AlgoConfig`` is postrl.config.AlgoConfig (the algo section); algorithms never import the config
+# (the config validates names against these registries), so the annotation stays a string.
 
 from .registry import register_advantage
 

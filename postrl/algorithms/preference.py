@@ -31,8 +31,8 @@ name            per-pair loss (minimised)                                     pa
 
 Signatures (AReaL style, no model inside)::
 
-    fn(lp: PairLogps, cfg: AlgoConfig) -> (losses [B], stats)          # paired losses
-    fn(lp: UnpairedLogps, cfg: AlgoConfig) -> (losses [B], stats)      # kto (fn.unpaired = True)
+    fn(lp: PairLogps, cfg: PreferenceConfig) -> (losses [B], stats)    # paired losses
+    fn(lp: UnpairedLogps, cfg: PreferenceConfig) -> (losses [B], stats)  # kto (fn.unpaired = True)
 
 ``stats`` maps names to per-pair tensors ``[B]`` (detached): every paired loss returns
 ``rewards/chosen``, ``rewards/rejected``, ``margins`` (= chosen - rejected reward) and ``accuracy``
@@ -55,7 +55,7 @@ from torch import Tensor
 
 from .registry import Registry
 
-PREFERENCE_LOSSES = Registry("preference loss", "algo.preference_loss")
+PREFERENCE_LOSSES = Registry("preference loss", "preference.loss")
 register_preference_loss = PREFERENCE_LOSSES.register
 
 
@@ -133,7 +133,7 @@ def dpo_loss(lp: PairLogps, cfg) -> tuple[Tensor, dict[str, Tensor]]:
 @register_preference_loss("ipo")
 def ipo_loss(lp: PairLogps, cfg) -> tuple[Tensor, dict[str, Tensor]]:
     """IPO, Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human
-    Preferences", arXiv:2310.12036, eq. 17: ``loss = (h - 1 / (2 tau))^2`` with ``tau = algo.beta``.
+    Preferences", arXiv:2310.12036, eq. 17: ``loss = (h - 1 / (2 tau))^2`` with ``tau = preference.beta``.
 
     postrl uses ``h`` on *summed* log-probs, as eq. 17 is written. TRL (``loss_type="ipo"``) instead
     divides each log-ratio by its completion length (a per-token average) before the difference; with
@@ -146,7 +146,7 @@ def ipo_loss(lp: PairLogps, cfg) -> tuple[Tensor, dict[str, Tensor]]:
 @register_preference_loss("cdpo")
 def cdpo_loss(lp: PairLogps, cfg) -> tuple[Tensor, dict[str, Tensor]]:
     """Conservative DPO, Mitchell 2023, "A note on DPO with noisy preferences & relationship to IPO":
-    DPO with label smoothing ``eps = algo.label_smoothing`` (each label flipped with probability eps),
+    DPO with label smoothing ``eps = preference.label_smoothing`` (each label flipped with probability eps),
     ``loss = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)``."""
     reward_c, reward_r, h = _implicit(lp, cfg.beta, "cdpo")
     eps = cfg.label_smoothing
@@ -157,7 +157,7 @@ def cdpo_loss(lp: PairLogps, cfg) -> tuple[Tensor, dict[str, Tensor]]:
 @register_preference_loss("robust_dpo")
 def robust_dpo_loss(lp: PairLogps, cfg) -> tuple[Tensor, dict[str, Tensor]]:
     """Robust DPO, Chowdhury et al. 2024, "Provably Robust DPO", arXiv:2403.00409, Sec. 3: the unbiased
-    estimate of the clean DPO loss under label-flip rate ``eps = algo.label_smoothing < 0.5``,
+    estimate of the clean DPO loss under label-flip rate ``eps = preference.label_smoothing < 0.5``,
     ``loss = [(1 - eps) (-log sigmoid(beta h)) - eps (-log sigmoid(-beta h))] / (1 - 2 eps)``."""
     reward_c, reward_r, h = _implicit(lp, cfg.beta, "robust_dpo")
     eps = cfg.label_smoothing
@@ -172,7 +172,7 @@ def robust_dpo_loss(lp: PairLogps, cfg) -> tuple[Tensor, dict[str, Tensor]]:
 def simpo_loss(lp: PairLogps, cfg) -> tuple[Tensor, dict[str, Tensor]]:
     """SimPO, Meng et al. 2024, "SimPO: Simple Preference Optimization with a Reference-Free Reward",
     arXiv:2405.14734, eq. 6: ``loss = -log sigmoid(beta/|y_w| pi(y_w) - beta/|y_l| pi(y_l) - gamma)``,
-    ``gamma = algo.simpo_gamma``. No reference model. Rewards are ``beta * avg(y)``."""
+    ``gamma = preference.simpo_gamma``. No reference model. Rewards are ``beta * avg(y)``."""
     reward_c = cfg.beta * lp.chosen / lp.chosen_len.clamp(min=1)
     reward_r = cfg.beta * lp.rejected / lp.rejected_len.clamp(min=1)
     return -F.logsigmoid(reward_c - reward_r - cfg.simpo_gamma), _stats(reward_c, reward_r)
@@ -190,7 +190,7 @@ def orpo_loss(lp: PairLogps, cfg) -> tuple[Tensor, dict[str, Tensor]]:
     arXiv:2403.07691, eqs. 6-7: ``loss = L_SFT + lambda L_OR`` with ``L_SFT = -avg(y_w)`` (per-token NLL of
     the chosen completion), ``L_OR = -log sigmoid(log odds(y_w) - log odds(y_l))``,
     ``log odds(y) = avg(y) - log(1 - exp(avg(y)))`` (odds of the length-averaged likelihood, eq. 4),
-    ``lambda = algo.orpo_lambda``. No reference model. Rewards are ``avg(y)``; the margin is the
+    ``lambda = preference.orpo_lambda``. No reference model. Rewards are ``avg(y)``; the margin is the
     log odds ratio."""
     avg_c = lp.chosen / lp.chosen_len.clamp(min=1)
     avg_r = lp.rejected / lp.rejected_len.clamp(min=1)
@@ -207,9 +207,9 @@ def slic_loss(lp: PairLogps, cfg) -> tuple[Tensor, dict[str, Tensor]]:
     """SLiC-HF, Zhao et al. 2023, "SLiC-HF: Sequence Likelihood Calibration with Human Feedback",
     arXiv:2305.10425, Sec. 2: rank calibration hinge on sequence log-likelihoods plus a cross-entropy
     regularizer, ``loss = max(0, delta - pi(y_w) + pi(y_l)) - lambda pi(y_w)`` with
-    ``delta = algo.slic_delta`` and ``lambda = algo.slic_lambda``. The paper regularizes towards an SFT
-    target ``y_ref``; postrl uses the chosen completion as that target (SLiC-HF's "direct" variant on
-    human-feedback pairs). No reference model; rewards are the summed log-probs."""
+    ``delta = preference.slic_delta`` and ``lambda = preference.slic_lambda``. The paper regularizes towards
+    an SFT target ``y_ref``; postrl uses the chosen completion as that target (SLiC-HF's "direct" variant
+    on human-feedback pairs). No reference model; rewards are the summed log-probs."""
     hinge = torch.relu(cfg.slic_delta - lp.chosen + lp.rejected)
     return hinge - cfg.slic_lambda * lp.chosen, _stats(lp.chosen, lp.rejected)
 

@@ -52,11 +52,13 @@ def resolve_config(config: str | None, overrides: list[str], resume: str | None,
 def run_trainer(args: argparse.Namespace, trainer_fn: Callable[..., tuple[Path, dict[str, Any]]], default: Path,
                 summary: Callable[[Path, dict[str, Any]], None]) -> int:
     from postrl.config import load_config
-    from postrl.trainer.rl import TrainingError
+    from postrl.run.errors import TrainingError
 
     path, overrides = resolve_config(args.config, args.overrides, args.resume, default)
     try:
-        cfg = load_config(path, overrides)
+        # the run's own saved config may have been written by an earlier postrl: migrate keys that moved
+        saved = args.resume is not None and path.resolve() == (Path(args.resume) / "config.yaml").resolve()
+        cfg = load_config(path, overrides, migrate=saved)
         run_dir, results = trainer_fn(cfg, resume=args.resume)
     except (ValueError, RuntimeError, OSError) as exc:
         if report_input_error(exc, (TrainingError,)):

@@ -37,4 +37,4 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_run_arguments(p, "recipes/dpo.yaml", "algo.beta=0.2 preference.path=pairs.jsonl")
+    add_run_arguments(p, "recipes/dpo.yaml", "preference.beta=0.2 preference.path=pairs.jsonl")

@@ -16,6 +16,7 @@ from .sources import (
 from .toy import TOY_TASKS, ToySource
 
 __all__ = [
+    "build_data_source",
     "ANSWER_MODES",
     "DEFAULT_PROMPT_TEMPLATE",
     "SOURCES",
@@ -36,3 +37,13 @@ __all__ = [
     "render_prompt",
     "render_prompt_text",
 ]
+
+
+def build_data_source(cfg):
+    """The prompt source of a config's ``data`` section (train and held-out splits, seeded by the data seed)."""
+    d = cfg.data
+    common = dict(train_size=d.train_size, eval_size=d.eval_size, seed=cfg.resolved_data_seed,
+                  answer_extraction=d.answer_extraction)
+    if d.source in ("reasoning_gym", "toy"):
+        return build_source(d.source, task=d.task, task_kwargs=dict(d.task_kwargs), **common)
+    return build_source(d.source, path=d.path, eval_path=d.eval_path, **common)

@@ -32,7 +32,7 @@ import difflib
 import random
 from typing import Any, Callable, Optional
 
-from .sources import DataError, PromptSource, Sample
+from .base import DataError, PromptSource, Sample
 
 TOY_TASKS: dict[str, Callable[[str], str]] = {
     "copy": lambda s: s,

@@ -29,7 +29,10 @@ import platform
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
+
+if TYPE_CHECKING:  # the trainer-side half of this module stays light (no torch import)
+    from postrl.rollout.batch import RolloutBatch
 
 ENV_FILE = "env.json"
 SAMPLES_FILE = "samples.jsonl"
@@ -143,32 +146,30 @@ def _num(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def sample_log_record(step: int, batch: dict[str, Any], group_size: int,
+def sample_log_record(step: int, batch: RolloutBatch, group_size: int,
                       max_groups: int = SAMPLE_LOG_GROUPS) -> dict[str, Any]:
     """One ``samples.jsonl`` line: for the first ``max_groups`` groups of a rollout batch, the prompt,
     its ground truth, the rewards of all ``group_size`` completions, and the best- and worst-scored
     completion with their reward components.
 
-    ``batch`` is the trainer's rollout batch: row ``g * group_size + j`` is completion ``j`` of group
-    ``g``, with ``samples`` (objects with ``question`` and ``answer``), ``texts``, ``rewards`` (totals),
-    ``components`` (reward name -> per-row values) and optionally ``correct``. Ties: the best is the
-    first row with the highest reward, the worst the last row with the lowest, so with ``group_size >= 2``
-    they are two different completions.
+    ``batch`` is the trainer's :class:`~postrl.rollout.batch.RolloutBatch`: row ``g * group_size + j`` is
+    completion ``j`` of group ``g``; read are ``samples`` (objects with ``question`` and ``answer``),
+    ``texts``, ``rewards`` (totals, ``[B]``), ``components`` (reward name -> per-row values) and
+    ``correct``. Ties: the best is the first row with the highest reward, the worst the last row with the
+    lowest, so with ``group_size >= 2`` they are two different completions.
     """
     if group_size < 1:
         raise ValueError(f"sample_log_record: group_size must be >= 1, got {group_size}")
-    rewards = list(batch["rewards"])
+    rewards = batch.rewards.tolist()
     if len(rewards) % group_size:
         raise ValueError(f"sample_log_record: {len(rewards)} rows is not a multiple of group_size {group_size}")
-    components = batch.get("components", {})
-    correct = batch.get("correct")
+    components, correct = batch.components, batch.correct
 
     def entry(i: int) -> dict[str, Any]:
-        out = {"index": i % group_size, "reward": _num(rewards[i]), "text": clip_text(batch["texts"][i], MAX_COMPLETION_CHARS),
-               "components": {name: _num(vals[i]) for name, vals in components.items()}}
-        if correct is not None:
-            out["correct"] = bool(correct[i])
-        return out
+        return {"index": i % group_size, "reward": _num(rewards[i]),
+                "text": clip_text(batch.texts[i], MAX_COMPLETION_CHARS),
+                "components": {name: _num(vals[i]) for name, vals in components.items()},
+                "correct": bool(correct[i])}
 
     groups = []
     for g in range(min(max_groups, len(rewards) // group_size)):
@@ -176,7 +177,7 @@ def sample_log_record(step: int, batch: dict[str, Any], group_size: int,
         key = [(-math.inf if _num(rewards[i]) is None else rewards[i]) for i in rows]
         best = rows[max(range(len(rows)), key=lambda j: (key[j], -j))]
         worst = rows[min(range(len(rows)), key=lambda j: (key[j], -j))]
-        sample = batch["samples"][rows[0]]
+        sample = batch.samples[rows[0]]
         groups.append({
             "prompt": clip_text(getattr(sample, "question", sample), MAX_PROMPT_CHARS),
             "answer": clip_text(getattr(sample, "answer", ""), MAX_PROMPT_CHARS),

@@ -32,7 +32,8 @@ from postrl.eval.metrics import (
     pass_at_k,
     powers_of_two_up_to,
 )
-from postrl.rollout.generator import Generator, SamplingParams, eos_token_ids
+from postrl.rollout.backend import GenerationBackend, build_backend
+from postrl.rollout.generator import SamplingParams
 
 DISTINCT_NS = (1, 2, 3, 4)
 
@@ -61,14 +62,15 @@ class Scored:
         return [[len(t) for t in row] for row in self.token_ids]
 
 
-def generate_and_score(generator: Generator, tokenizer, source: Any, problems: Sequence[Any],
+def generate_and_score(backend: GenerationBackend, tokenizer, source: Any, problems: Sequence[Any],
                        prompts: Sequence[list[int]], n: int, params: SamplingParams, seed: int = 0,
                        batch_size: int = 64) -> Scored:
-    """Sample ``n`` completions for each problem (``prompts[p]`` its token ids) and score each once.
+    """Sample ``n`` completions for each problem (``prompts[p]`` its token ids) with ``backend`` and score
+    each once.
 
-    Decoding runs in chunks of about ``batch_size`` sequences (whole problems per chunk); the model is put
-    in eval mode and restored afterwards. A completion is correct when ``source.score >= 1 - 1e-9``
-    (the same rule as ``PromptSource.is_correct``). ``seed`` fixes the samples.
+    Decoding runs in chunks of about ``batch_size`` sequences (whole problems per chunk). A completion is
+    correct when ``source.score >= 1 - 1e-9`` (the same rule as ``PromptSource.is_correct``). ``seed``
+    fixes the samples.
     """
     if n < 1:
         raise EvalError(f"samples per problem must be >= 1, got {n}")
@@ -78,27 +80,22 @@ def generate_and_score(generator: Generator, tokenizer, source: Any, problems: S
     if not problems:
         return out
     per_chunk = max(1, batch_size // n)
-    was_training = generator.model.training
-    generator.model.eval()
-    try:
-        for start in range(0, len(problems), per_chunk):
-            chunk = list(range(start, min(len(problems), start + per_chunk)))
-            gen = generator.generate([prompts[p] for p in chunk for _ in range(n)], params,
-                                     seed=seed + start, batch_size=batch_size)
-            ids = [row[m.bool()].tolist() for row, m in zip(gen.completion_ids, gen.completion_mask)]
-            texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-            for j, p in enumerate(chunk):
-                rows = range(j * n, (j + 1) * n)
-                sample = problems[p]
-                scores = [source.score(texts[r], sample) for r in rows]
-                out.texts.append([texts[r] for r in rows])
-                out.token_ids.append([ids[r] for r in rows])
-                out.scores.append(scores)
-                out.correct.append([s >= 1.0 - CORRECT_EPS for s in scores])
-                out.extracted.append([source.extract(texts[r]) for r in rows])
-                out.truncated.append([bool(gen.truncated[r]) for r in rows])
-    finally:
-        generator.model.train(was_training)
+    for start in range(0, len(problems), per_chunk):
+        chunk = list(range(start, min(len(problems), start + per_chunk)))
+        gen = backend.generate([prompts[p] for p in chunk for _ in range(n)], params,
+                               seed=seed + start, batch_size=batch_size)
+        ids = [row[m.bool()].tolist() for row, m in zip(gen.completion_ids, gen.completion_mask)]
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        for j, p in enumerate(chunk):
+            rows = range(j * n, (j + 1) * n)
+            sample = problems[p]
+            scores = [source.score(texts[r], sample) for r in rows]
+            out.texts.append([texts[r] for r in rows])
+            out.token_ids.append([ids[r] for r in rows])
+            out.scores.append(scores)
+            out.correct.append([s >= 1.0 - CORRECT_EPS for s in scores])
+            out.extracted.append([source.extract(texts[r]) for r in rows])
+            out.truncated.append([bool(gen.truncated[r]) for r in rows])
     return out
 
 
@@ -162,10 +159,11 @@ def summarize(values: dict[str, list[float]], num_resamples: int = 1000, seed: i
 # the held-out evaluation of `postrl train`
 # --------------------------------------------------------------------------------------------------
 
-def heldout_eval(generator: Generator, tokenizer, source: Any, samples: list[Any],
+def heldout_eval(backend: GenerationBackend, tokenizer, source: Any, samples: list[Any],
                  render: Callable[[Any], list[int]], max_new_tokens: int, batch_size: int = 64, n: int = 0,
                  ks: Sequence[int] = (), temperature: float = 1.0, seed: int = 0) -> dict[str, Any]:
-    """Greedy held-out accuracy, and pass@k from ``n`` samples per problem when ``n > 0``.
+    """Greedy held-out accuracy, and pass@k from ``n`` samples per problem when ``n > 0``, sampled with
+    ``backend``.
 
     Returns ``{"accuracy", "reward_mean", "response_len_mean", "format_rate", "n", "examples"}`` (greedy
     decoding; ``format_rate`` is the share of completions from which the source's answer extraction gets
@@ -178,7 +176,7 @@ def heldout_eval(generator: Generator, tokenizer, source: Any, samples: list[Any
         return {"accuracy": float("nan"), "reward_mean": float("nan"), "response_len_mean": 0.0, "n": 0,
                 "examples": []}
     prompts = [render(s) for s in samples]
-    greedy = generate_and_score(generator, tokenizer, source, samples, prompts, 1,
+    greedy = generate_and_score(backend, tokenizer, source, samples, prompts, 1,
                                 SamplingParams(max_new_tokens, temperature=0.0), seed=0, batch_size=batch_size)
     m = len(samples)
     out: dict[str, Any] = {
@@ -192,7 +190,7 @@ def heldout_eval(generator: Generator, tokenizer, source: Any, samples: list[Any
     }
     if n > 0:
         ks = list(ks) or powers_of_two_up_to(n)
-        sampled = generate_and_score(generator, tokenizer, source, samples, prompts, n,
+        sampled = generate_and_score(backend, tokenizer, source, samples, prompts, n,
                                      SamplingParams(max_new_tokens, temperature=temperature), seed=seed,
                                      batch_size=batch_size)
         counts = [sum(row) for row in sampled.correct]
@@ -262,7 +260,7 @@ class EvalSettings:
 def resolve_model(spec: str) -> tuple[str, Optional[Path]]:
     """``(what to load, run directory or None)``: a run directory written by ``postrl train`` (it has
     ``checkpoints/``) loads its latest checkpoint; anything else (a model directory, a hub id) as is."""
-    from postrl.trainer.checkpoint import latest_checkpoint
+    from postrl.run.checkpoint import latest_checkpoint
 
     p = Path(spec).expanduser()
     if p.is_dir() and not (p / "config.json").is_file() and (p / "checkpoints").is_dir():
@@ -303,21 +301,24 @@ def evaluate_model(spec: str, label: str, task, settings: EvalSettings, samples_
     load_path, run_dir = resolve_model(spec)
     t0 = time.time()
     model, tokenizer, loaded_from = load_model_and_tokenizer(load_path, dtype=settings.dtype, device=settings.device)
-    generator = Generator(model, eos_token_ids(model, tokenizer), tokenizer.pad_token_id)
     prompts = [render_prompt(tokenizer, build_messages(s, task.system_prompt, task.prompt_template))
                for s in task.problems]
     max_new = settings.max_new_tokens or task.default_max_new_tokens
     P, n = len(task.problems), settings.n
     greedy = None
-    if settings.greedy:
-        log(f"[eval] {label}: greedy decoding of {P} problems")
-        greedy = generate_and_score(generator, tokenizer, task.source, task.problems, prompts, 1,
-                                    SamplingParams(max_new, temperature=0.0), seed=settings.seed,
-                                    batch_size=settings.batch_size)
-    log(f"[eval] {label}: sampling {P} problems x {n} completions (temperature {settings.temperature})")
-    sampled = generate_and_score(generator, tokenizer, task.source, task.problems, prompts, n,
-                                 SamplingParams(max_new, temperature=settings.temperature, top_p=settings.top_p),
-                                 seed=settings.seed, batch_size=settings.batch_size)
+    backend = build_backend("torch", model, tokenizer)
+    try:
+        if settings.greedy:
+            log(f"[eval] {label}: greedy decoding of {P} problems")
+            greedy = generate_and_score(backend, tokenizer, task.source, task.problems, prompts, 1,
+                                        SamplingParams(max_new, temperature=0.0), seed=settings.seed,
+                                        batch_size=settings.batch_size)
+        log(f"[eval] {label}: sampling {P} problems x {n} completions (temperature {settings.temperature})")
+        sampled = generate_and_score(backend, tokenizer, task.source, task.problems, prompts, n,
+                                     SamplingParams(max_new, temperature=settings.temperature, top_p=settings.top_p),
+                                     seed=settings.seed, batch_size=settings.batch_size)
+    finally:
+        backend.close()
     values = per_problem_values(sampled, settings.ks, greedy, settings.maj_subsets, settings.seed)
     entry: dict[str, Any] = {"name": label, "model": spec, "loaded_from": str(loaded_from),
                              "run_dir": str(run_dir) if run_dir else None, "num_problems": P,
@@ -338,7 +339,7 @@ def evaluate_model(spec: str, label: str, task, settings: EvalSettings, samples_
                     "length": len(src.token_ids[p][j]), "truncated": src.truncated[p][j],
                     "completion": src.texts[p][j], "reference": sample.answer,
                 }) + "\n")
-    del generator, model
+    del backend, model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return entry
@@ -352,7 +353,7 @@ def resolve_out_dir(out: Optional[str | Path], run_dir: Optional[Path] = None) -
     model given as a training run directory) is set, else a new ``runs/eval[-N]``; both never overwrite.
     With ``out``: that directory, or for a training run directory its ``eval/`` subdirectory (where
     ``postrl report`` looks), refusing one that already holds eval outputs."""
-    from postrl.trainer.rl import fresh_dir  # (rl imports this module)
+    from postrl.run.dirs import fresh_dir
 
     if out is None:
         return fresh_dir(run_dir, "eval") if run_dir is not None else fresh_dir("runs", "eval")

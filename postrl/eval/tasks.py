@@ -189,7 +189,7 @@ def build_task(spec: str, answer_extraction: Optional[str] = None, prompt_templa
 
 def task_from_run_config(cfg, spec: str) -> EvalTask:
     """The held-out set of a training run (its ``data`` section), with its prompt format."""
-    from postrl.trainer.rl import build_data_source
+    from postrl.data import build_data_source
 
     source = build_data_source(cfg)
     source.train = []

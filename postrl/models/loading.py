@@ -263,3 +263,11 @@ def load_model_and_tokenizer(
         f"Could not load model {name_or_path!r} ({'; '.join(errors)}). Give a local directory written by "
         "save_pretrained or a hub id reachable from this machine. " + _HOW_TO_GET_DEFAULT
     )
+
+
+def load_from_config(m, name_or_path: str | None = None):
+    """:func:`load_model_and_tokenizer` with the settings of a config's ``model`` section; ``name_or_path``
+    (e.g. a checkpoint to resume from) replaces ``model.name_or_path``."""
+    return load_model_and_tokenizer(
+        name_or_path or m.name_or_path, dtype=m.dtype, device=m.device, revision=m.revision,
+        offline_fallback=m.offline_fallback, cache_dir=m.cache_dir, trust_remote_code=m.trust_remote_code)

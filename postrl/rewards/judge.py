@@ -178,23 +178,20 @@ class JudgeReward:
     # ----- local backend ---------------------------------------------------------------------------
     def _load_local(self, model_path: str) -> None:
         from postrl.models.loading import load_model_and_tokenizer
-        from postrl.rollout.generator import Generator
+        from postrl.rollout.backend import build_backend
 
         device = str(self.context.device) if self.context.device is not None else "auto"
         model, tok, _ = load_model_and_tokenizer(model_path, device=device)
-        model.eval()
-        eos = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
-        pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-        self._local = (Generator(model, eos, pad), tok)
+        self._local = (build_backend("torch", model, tok), tok)
 
     def _ask_local(self, prompts: list[str]) -> list[Optional[str]]:
         from postrl.data.prompts import render_prompt
         from postrl.rollout.generator import SamplingParams
 
-        gen, tok = self._local
+        backend, tok = self._local
         messages = [([{"role": "system", "content": self.system}] if self.system else [])
                     + [{"role": "user", "content": p}] for p in prompts]
         ids = [render_prompt(tok, m) for m in messages]
-        out = gen.generate(ids, SamplingParams(self.max_new_tokens, temperature=0.0), batch_size=self.batch_size)
+        out = backend.generate(ids, SamplingParams(self.max_new_tokens, temperature=0.0), batch_size=self.batch_size)
         return tok.batch_decode([c[m.bool()] for c, m in zip(out.completion_ids, out.completion_mask)],
                                 skip_special_tokens=True)

@@ -1,5 +1,7 @@
 """Training loops and checkpoints."""
 
-from .rl import RLTrainer, TrainingError, train
+from postrl.run.errors import TrainingError
+
+from .rl import RLTrainer, train
 
 __all__ = ["RLTrainer", "TrainingError", "train"]

@@ -25,15 +25,15 @@ reward model from the current weights but does not change the policy that later 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from postrl.config import Config, ConfigError, StageSpec, from_dict, save_config, to_dict, validate
-from postrl.trainer.checkpoint import latest_checkpoint
+from postrl.run.checkpoint import latest_checkpoint
+from postrl.run.dirs import new_run_dir
+from postrl.run.files import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,8 @@ def run_stage(kind: str, cfg: Config, stage_dir: Path, resume: bool) -> tuple[Pa
 
 
 def final_model(stage_dir: Path, stage_results: Optional[dict[str, Any]] = None) -> Path:
-    """The stage's final weights: the ``final_model`` directory its trainer reports (``postrl dpo``), else its
-    latest complete checkpoint (a Hugging Face model directory)."""
+    """The stage's final weights: the ``final_model`` directory its trainer reports (``RUN/final``), else (a run
+    of an older postrl that wrote no ``final``) its latest complete checkpoint."""
     reported = (stage_results or {}).get("final_model")
     if reported and (Path(reported) / "config.json").is_file():
         return Path(reported)
@@ -145,15 +145,8 @@ def final_model(stage_dir: Path, stage_results: Optional[dict[str, Any]] = None)
     return ckpt
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
 def read_stage_done(stage_dir: Path) -> Optional[dict[str, Any]]:
-    path = stage_dir / STAGE_DONE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(stage_dir / STAGE_DONE)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,19 +162,16 @@ def evaluate_policy(cfg: Config, model_path: str) -> dict[str, Any]:
 
     from postrl.data import build_messages, render_prompt
     from postrl.eval.runner import heldout_eval
-    from postrl.models.loading import load_model_and_tokenizer
-    from postrl.rollout.generator import Generator, eos_token_ids
-    from postrl.trainer.rl import build_data_source
+    from postrl.models.loading import load_from_config
+    from postrl.rollout.backend import build_backend
+    from postrl.data import build_data_source
 
-    m = cfg.model
-    model, tok, _ = load_model_and_tokenizer(model_path, dtype=m.dtype, device=m.device, revision=m.revision,
-                                             offline_fallback=m.offline_fallback, cache_dir=m.cache_dir,
-                                             trust_remote_code=m.trust_remote_code)
+    model, tok, _ = load_from_config(cfg.model, model_path)
     model.eval()
     source = build_data_source(cfg)
     render = lambda s: render_prompt(tok, build_messages(s, cfg.data.system_prompt, cfg.data.prompt_template))  # noqa: E731
     with torch.no_grad():
-        return heldout_eval(Generator(model, eos_token_ids(model, tok), tok.pad_token_id), tok, source,
+        return heldout_eval(build_backend(cfg.rollout.backend, model, tok), tok, source,
                             source.eval, render, cfg.resolved_eval_max_new_tokens, cfg.eval.batch_size)
 
 
@@ -200,8 +190,6 @@ def run_pipeline(cfg: Config, resume: str | Path | None = None,
     was interrupted (Ctrl-C) stops the pipeline; resume with ``--resume RUN``: finished stages are skipped, the
     interrupted one continues from its checkpoint.
     """
-    from postrl.trainer.rl import new_run_dir
-
     stage_cfgs = check_stages(cfg)
     for spec in cfg.stages:
         _trainer(spec.kind)  # fail now if e.g. the dpo trainer is missing
@@ -210,10 +198,10 @@ def run_pipeline(cfg: Config, resume: str | Path | None = None,
         if not run_dir.is_dir():
             raise ConfigError(f"--resume {resume}: no such run directory")
     else:
-        run_dir = new_run_dir(cfg)
+        run_dir = new_run_dir(cfg.run.output_dir, cfg.run.name)
     save_config(cfg, run_dir / "config.yaml")
     results_path = run_dir / "results.json"
-    results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    results: dict[str, Any] = read_json(results_path, {})
     results.pop("interrupted", None)
     results.pop("summary", None)
     results["stages"] = []
@@ -223,7 +211,7 @@ def run_pipeline(cfg: Config, resume: str | Path | None = None,
     weights = cfg.model.name_or_path
     if cfg.eval.before and "initial" not in results:
         results["initial"] = evaluate_policy(cfg, weights)
-        _write_json_atomic(results_path, results)
+        write_json_atomic(results_path, results)
         log_fn(f"[pipeline] start: held-out accuracy {results['initial']['accuracy']:.1%}")
     for i, (spec, scfg) in enumerate(zip(cfg.stages, stage_cfgs)):
         name = stage_name(i, spec)
@@ -242,7 +230,7 @@ def run_pipeline(cfg: Config, resume: str | Path | None = None,
             if stage_results.get("interrupted"):
                 results["interrupted"] = True
                 results["interrupted_stage"] = name
-                _write_json_atomic(results_path, results)
+                write_json_atomic(results_path, results)
                 log_fn(f"[pipeline] interrupted in stage {name}. Resume with: postrl pipeline "
                        f"{run_dir / 'config.yaml'} --resume {run_dir}")
                 return run_dir, results
@@ -250,16 +238,16 @@ def run_pipeline(cfg: Config, resume: str | Path | None = None,
             ev = evaluate_policy(cfg, str(final)) if cfg.eval.after and spec.kind in POLICY_KINDS else None
             done = {"name": name, "kind": spec.kind, "dir": str(stage_dir), "init_model": str(weights),
                     "final_model": str(final), "eval": ev, "results": _summary(stage_results)}
-            _write_json_atomic(stage_dir / STAGE_DONE, done)
+            write_json_atomic(stage_dir / STAGE_DONE, done)
             if ev is not None:
                 log_fn(f"[pipeline] stage {name} done: held-out accuracy {ev['accuracy']:.1%}")
         results["stages"].append(done)
         if spec.kind in POLICY_KINDS:
             weights = done["final_model"]
-        _write_json_atomic(results_path, results)
+        write_json_atomic(results_path, results)
     results["final_model"] = weights
     results["summary"] = summary_rows(results)
-    _write_json_atomic(results_path, results)
+    write_json_atomic(results_path, results)
     (run_dir / "summary.txt").write_text(format_table(results) + "\n")
     return run_dir, results
 

@@ -8,7 +8,7 @@ Offline, top to bottom::
     eval before: held-out implicit-reward accuracy and margin
     for epoch, batch of preference.batch_size pairs (order: a permutation seeded by (seed, epoch)):
         for micro batch: logps of chosen and rejected in one forward (2B rows)
-                         loss = mean_B preference_loss(PairLogps(logps, ref), cfg.algo); backward
+                         loss = mean_B preference_loss(PairLogps(logps, ref), cfg.preference); backward
         clip grads; optimizer step; log; checkpoint every train.save_every updates
     eval after; RUN_DIR/final = the trained model (save_pretrained)
 
@@ -31,12 +31,11 @@ Entry point for other code (the pipeline): :func:`train_dpo`.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
+import os
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,8 @@ from postrl.algorithms.preference import (
     implicit_reward_margins,
     rso_pair,
 )
-from postrl.config import Config, ConfigError, save_config
+from postrl.config import Config, ConfigError, check_command
+from postrl.data import build_data_source
 from postrl.data.pairs import (
     PreferenceData,
     TokenizedExample,
@@ -61,84 +61,17 @@ from postrl.data.pairs import (
     load_preference_data,
     truncate,
 )
-from postrl.models.loading import load_model_and_tokenizer
+from postrl.models.loading import load_from_config
 from postrl.models.logprobs import completion_logprobs
-from postrl.trainer.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
-from postrl.trainer.optim import clipped_step, stop_after_nonfinite_streak
-from postrl.trainer.progress import Progress
-from postrl.trainer.rl import TrainingError, _InterruptFlag, lr_lambda, new_run_dir, seed_everything, step_seed
+from postrl.run import Job, StepOutput, TrainingError, run_job
+from postrl.run.batching import epoch_batches, right_pad
+from postrl.run.optim import build_optimizer, clipped_step
+from postrl.run.progress import PAIR_FIELDS
+from postrl.run.rng import step_seed
 
 log = logging.getLogger(__name__)
 
 REF_FILE = "ref_logps.pt"
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Shared with the reward-model trainer
-# ------------------------------------------------------------------------------------------------------------
-
-
-class PrefProgress(Progress):
-    FIELDS = (("loss", "loss", "{:.4f}"), ("acc", "accuracy", "{:.2f}"), ("margin", "margins", "{:.3f}"),
-              ("round", "round", "{}"), ("pairs/s", "pairs_per_s", "{:.1f}"))
-
-
-def resolve_run_dir(run_dir: Path | None, resume: Any) -> tuple[Path | None, Path | None]:
-    """``(run_dir, checkpoint)`` for the ``run_dir`` / ``resume`` arguments of the entry points.
-
-    ``resume`` a path: continue that run from its latest checkpoint (an error if it has none).
-    ``resume=True``: continue ``run_dir`` if it has a checkpoint, else start fresh there.
-    Otherwise: start fresh in ``run_dir`` (None = a new ``run.output_dir/run.name[-N]``, made later).
-    """
-    if resume is not None and resume is not False:
-        if resume is True:
-            if run_dir is None:
-                raise TrainingError("resume=True needs a run_dir to resume")
-            return Path(run_dir), latest_checkpoint(Path(run_dir) / "checkpoints")
-        rd = Path(resume)
-        ckpt = latest_checkpoint(rd / "checkpoints")
-        if ckpt is None:
-            raise TrainingError(f"--resume {resume}: no complete checkpoint under {rd / 'checkpoints'}")
-        return rd, ckpt
-    return (Path(run_dir) if run_dir is not None else None), None
-
-
-def right_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(1, max(len(s) for s in seqs))
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """The batches of one epoch: a permutation of ``range(n)`` seeded by (seed, epoch), cut into batches of
-    ``batch_size`` (the last one may be smaller)."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(seed, 1_000 + epoch))).tolist()
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
-
-
-def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    tmp.replace(path)
-
-
-def save_final(model, tokenizer, run_dir: Path) -> Path:
-    """``RUN_DIR/final``: the trained model as a plain Hugging Face directory (written then renamed)."""
-    import shutil
-    import tempfile
-
-    final = run_dir / "final"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-final-", dir=run_dir))
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.replace(final)
-    return final
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -155,56 +88,30 @@ def sequence_logps(model, prompts: list[list[int]], completions: list[list[int]]
     return lp.sum(-1), mask.sum(-1).to(lp.dtype)
 
 
-@dataclass
-class RunState:
-    step: int = 0
-    round: int = 0
-    round_start_step: int = 0
-    round_data: dict[str, Any] | None = None
-    consecutive_nonfinite: int = 0
-    nonfinite_total: int = 0
-    results: dict[str, Any] = field(default_factory=dict)
-    wall_time_s: float = 0.0
+class PreferenceTrainer(Job):
+    """The ``postrl dpo`` step (offline, or online rounds) as a :class:`postrl.run.Job`."""
 
+    command = "dpo"
+    progress_fields = PAIR_FIELDS
 
-class PreferenceTrainer:
-    """Holds one ``postrl dpo`` run; :meth:`fit` is the loop."""
-
-    def __init__(self, cfg: Config, init_model: str | None = None, run_dir: Path | None = None,
-                 resume: Any = None):
+    def __init__(self, cfg: Config, checkpoint: Path | None = None):
         self.cfg = cfg
-        a, pf, m = cfg.algo, cfg.preference, cfg.model
-        try:
-            self.loss_fn = PREFERENCE_LOSSES.get_fn(a.preference_loss)
-        except KeyError as exc:
-            raise ConfigError(exc.args[0]) from None
+        pf = cfg.preference
+        check_command(cfg, "dpo")
+        self.loss_fn = PREFERENCE_LOSSES.get_fn(pf.loss)  # the name was checked by the config's validation
         self.unpaired = bool(getattr(self.loss_fn, "unpaired", False))
         self.needs_ref = bool(getattr(self.loss_fn, "needs_reference", True))
-        if pf.online and self.unpaired:
-            raise ConfigError("preference.online builds chosen/rejected pairs; algo.preference_loss=kto is for "
-                              "offline unpaired data. Use a paired loss (dpo, ipo, ...) online.")
         if pf.online:
             from postrl.rewards import resolve_reward
 
             for spec in cfg.rewards:
                 resolve_reward(spec.name)
-        self.run_dir, ckpt = resolve_run_dir(run_dir, resume)
-        if cfg.run.threads > 0:
-            torch.set_num_threads(cfg.run.threads)
-        seed_everything(cfg.run.seed)
-        self.init_source = init_model or m.name_or_path
-        load = dict(dtype=m.dtype, device=m.device, revision=m.revision, offline_fallback=m.offline_fallback,
-                    cache_dir=m.cache_dir, trust_remote_code=m.trust_remote_code)
-        self.model, self.tokenizer, self.model_source = load_model_and_tokenizer(
-            str(ckpt) if ckpt else self.init_source, **load)
+        self.resumed = checkpoint is not None
+        self.model, self.tokenizer, self.model_source = load_from_config(cfg.model, checkpoint and str(checkpoint))
         self.pad = self.tokenizer.pad_token_id
         self.device = next(self.model.parameters()).device
 
-        self.source = None
-        if pf.online or pf.path is None:
-            from postrl.trainer.rl import build_data_source
-
-            self.source = build_data_source(cfg)
+        self.source = build_data_source(cfg) if pf.online or pf.path is None else None
         self.data: PreferenceData | None = None
         if not pf.online:
             self.data = load_preference_data(cfg, self.tokenizer, self.source)
@@ -213,44 +120,30 @@ class PreferenceTrainer:
                 # evaluated with the implicit reward beta * h
                 self.data.train = as_unpaired(self.data.train)
             elif not self.unpaired and not isinstance(self.data.train[0], TokenizedPair):
-                raise ConfigError(f"algo.preference_loss={a.preference_loss} needs chosen/rejected pairs, but the "
-                                  "data is unpaired (prompt/completion/label); use algo.preference_loss=kto.")
+                raise ConfigError(f"preference.loss={pf.loss} needs chosen/rejected pairs, but the "
+                                  "data is unpaired (prompt/completion/label); use preference.loss=kto.")
             self.kl_completions = self._mismatched(self.data.train) if self.unpaired else None
             self.eval_kl_completions = (self._mismatched(self.data.eval) if self.unpaired and self.data.eval
                                         and isinstance(self.data.eval[0], TokenizedExample) else None)
 
-        t = cfg.train
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
         self.total_steps = self._planned_steps()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(t.lr_schedule, t.warmup_steps, self.total_steps))
-        self.state = RunState()
-        self.ref_model = None
+        self.optimizer, self.scheduler = build_optimizer(self.params, cfg.train, self.total_steps)
+        self.ref_model, self.rewards = None, None
         if pf.online:
             from postrl.rewards import RewardContext, RewardPipeline
-            from postrl.rollout.generator import Generator, eos_token_ids
+            from postrl.rollout.backend import build_backend
 
             self.rewards = RewardPipeline(cfg.rewards, self.source, cfg.scoring, RewardContext(
                 source=self.source, tokenizer=self.tokenizer, device=self.device))
-            self.generator = Generator(self.model, eos_token_ids(self.model, self.tokenizer), self.pad)
+            self.backend = build_backend(cfg.rollout.backend, self.model, self.tokenizer)
             if self.needs_ref and pf.online_reference == "initial":
-                self.ref_model = (copy.deepcopy(self.model) if ckpt is None
-                                  else load_model_and_tokenizer(self.init_source, **load)[0])
+                self.ref_model = copy.deepcopy(self.model) if checkpoint is None else load_from_config(cfg.model)[0]
                 self.ref_model.eval().requires_grad_(False)
-        else:
-            self.rewards = None
-        if ckpt is not None:
-            self._load_state(ckpt)
-        elif self.run_dir is None:
-            self.run_dir = new_run_dir(cfg)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        self._truncate_metrics(self.state.step)
-        save_config(cfg, self.run_dir / "config.yaml")
+        # online rounds: the round being trained, the step it started at, its pairs and reference log-probs
+        self.round, self.round_start_step, self.round_data = 0, 0, None
         self.ref: dict[str, dict[str, torch.Tensor]] | None = None
-        if not pf.online and self.needs_ref:
-            self.ref = self._reference_cache(fresh=ckpt is None)
+        self.run = None
 
     # ----- setup helpers -------------------------------------------------------------------------------------
     def _planned_steps(self) -> int:
@@ -268,12 +161,6 @@ class PreferenceTrainer:
             other = items[(i + 1) % len(items)].completion_ids
             out.append(other[: max(1, pf.max_length - len(x.prompt_ids))])
         return out
-
-    def _truncate_metrics(self, step: int) -> None:
-        if self.metrics_path.exists():
-            keep = [ln for ln in self.metrics_path.read_text().splitlines() if ln.strip()
-                    and json.loads(ln).get("step", 0) <= step]
-            self.metrics_path.write_text("".join(ln + "\n" for ln in keep))
 
     @torch.no_grad()
     def _logps_of(self, model, items: list, completions: list[list[int]] | None = None,
@@ -301,11 +188,11 @@ class PreferenceTrainer:
         return {"chosen": self._logps_of(model, items, which="chosen"),
                 "rejected": self._logps_of(model, items, which="rejected")}
 
-    def _reference_cache(self, fresh: bool) -> dict[str, dict[str, torch.Tensor]]:
+    def _reference_cache(self, run_dir: Path, fresh: bool) -> dict[str, dict[str, torch.Tensor]]:
         """Reference log-probs of the train and held-out sets, computed once with the initial policy (before any
         update) and kept in RUN_DIR/ref_logps.pt, so a resumed run neither recomputes them nor needs the initial
         model."""
-        path = self.run_dir / REF_FILE
+        path = run_dir / REF_FILE
         fp = data_fingerprint(self.data.train) + data_fingerprint(self.data.eval)
         if not fresh:
             if not path.is_file():
@@ -318,17 +205,19 @@ class PreferenceTrainer:
         t0 = time.time()
         cache = {"fingerprint": fp, "train": self._ref_for(self.model, self.data.train, self.kl_completions),
                  "eval": self._ref_for(self.model, self.data.eval, self.eval_kl_completions)}
-        torch.save(cache, path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(cache, tmp)
+        os.replace(tmp, path)
         log.info("reference log-probs of %d + %d items in %.1fs", len(self.data.train), len(self.data.eval),
                  time.time() - t0)
-        self.state.results["ref_logps_time_s"] = time.time() - t0
+        self.run.results["ref_logps_time_s"] = time.time() - t0
         return cache
 
     # ----- one batch -----------------------------------------------------------------------------------------
     def batch_loss(self, items: list, ref: dict[str, torch.Tensor] | None, idx: list[int],
                    kl_completions: list[list[int]] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-item losses ``[b]`` and stats of the items ``idx`` under the current policy (differentiable)."""
-        a = self.cfg.algo
+        a = self.cfg.preference
         if not self.unpaired:
             return self.loss_fn(self.pair_logps(items, ref, idx), a)
         chunk = [items[i] for i in idx]
@@ -404,10 +293,10 @@ class PreferenceTrainer:
             inp = self.pair_logps(items, ref, idx)
             logp_acc.append((inp.chosen > inp.rejected).float())
             if self.unpaired:  # KTO evaluated on pairs: DPO's implicit reward beta * h
-                m = implicit_reward_margins(inp, self.cfg.algo.beta)
+                m = implicit_reward_margins(inp, self.cfg.preference.beta)
                 margins.append(m), accs.append((m > 0).float())
                 continue
-            loss, st = self.loss_fn(inp, self.cfg.algo)
+            loss, st = self.loss_fn(inp, self.cfg.preference)
             losses.append(loss), margins.append(st["margins"]), accs.append(st["accuracy"])
         self.model.train()
         out: dict[str, Any] = {"n": len(items), "accuracy": float(torch.cat(accs).mean()),
@@ -428,7 +317,7 @@ class PreferenceTrainer:
             def render(sample):
                 return render_prompt(self.tokenizer, build_messages(sample, d.system_prompt, d.prompt_template))
 
-            return heldout_eval(self.generator, self.tokenizer, self.source, self.source.eval, render,
+            return heldout_eval(self.backend, self.tokenizer, self.source, self.source.eval, render,
                                 self.cfg.resolved_eval_max_new_tokens, self.cfg.eval.batch_size)
         return self.evaluate_pairs()
 
@@ -447,13 +336,12 @@ class PreferenceTrainer:
             ids = render_prompt(self.tokenizer, build_messages(smp, cfg.data.system_prompt, cfg.data.prompt_template))
             prompts.append(ids[max(0, len(ids) - pf.max_prompt_length):])
         rep = [p for p in prompts for _ in range(r.n)]
-        self.model.eval()
-        gen = self.generator.generate(rep, SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k),
+        gen = self.backend.generate(rep, SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k),
                                       seed=step_seed(cfg.run.seed, rnd), batch_size=r.batch_size)
         comps = [gen.completion_ids[i, :int(gen.completion_mask[i].sum())].tolist() for i in range(len(rep))]
         texts = self.tokenizer.batch_decode(comps, skip_special_tokens=True)
         prompt_texts = self.tokenizer.batch_decode(rep, skip_special_tokens=False)
-        res = self.rewards(texts, [s for s in samples for _ in range(r.n)], prompts=prompt_texts,
+        res = self.rewards(texts, [s for s in samples for _ in range(r.n)], prompts=prompt_texts, prompt_ids=rep,
                            completion_ids=comps, group_size=r.n)
         pairs, ties = [], 0
         counts = {"truncated_completion": 0}
@@ -480,144 +368,84 @@ class PreferenceTrainer:
         self.model.train()
         return {"pairs": pairs, "ref": ref, "info": info}
 
-    # ----- checkpoints ---------------------------------------------------------------------------------------
-    def save(self) -> Path:
-        s = self.state
-        state = {"step": s.step, "round": s.round, "round_start_step": s.round_start_step,
-                 "round_data": s.round_data, "consecutive_nonfinite": s.consecutive_nonfinite,
-                 "nonfinite_total": s.nonfinite_total, "results": s.results, "wall_time_s": s.wall_time_s,
-                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "rng": rng_state()}
-        return save_checkpoint(self.run_dir / "checkpoints", s.step, self.model, self.tokenizer, state,
-                               keep=self.cfg.train.keep_checkpoints)
+    # ----- the step ------------------------------------------------------------------------------------------
+    def start(self, run) -> None:
+        self.run = run
+        if self.data is not None and self.needs_ref:
+            self.ref = self._reference_cache(run.run_dir, fresh=not self.resumed)
 
-    def _load_state(self, ckpt: Path) -> None:
-        st = load_trainer_state(ckpt)
-        self.optimizer.load_state_dict(st["optimizer"])
-        self.scheduler.load_state_dict(st["scheduler"])
-        set_rng_state(st["rng"])
-        self.state = RunState(step=st["step"], round=st["round"], round_start_step=st["round_start_step"],
-                              round_data=st["round_data"], consecutive_nonfinite=st["consecutive_nonfinite"],
-                              nonfinite_total=st["nonfinite_total"], results=st["results"],
-                              wall_time_s=st["wall_time_s"])
+    def results_header(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"loss": self.cfg.preference.loss}
+        if self.data is not None:
+            out["data"] = {"train": len(self.data.train), "eval": len(self.data.eval), **self.data.counts}
+        return out
 
-    def _write_results(self) -> None:
-        write_json(self.run_dir / "results.json", self.state.results)
+    def _round_updates(self) -> int:
+        """Updates of the current online round: preference.epochs passes over its pairs."""
+        pf = self.cfg.preference
+        return pf.epochs * math.ceil(len(self.round_data["pairs"]) / pf.batch_size)
 
-    # ----- the loop ------------------------------------------------------------------------------------------
-    def _run_epochs(self, items, ref, kl_completions, first_step: int, progress, stop, extra: dict) -> bool:
-        """Train ``preference.epochs`` over ``items``; updates are numbered from ``first_step`` (so a resumed run
-        skips the ones done). Returns False when interrupted."""
-        cfg, pf = self.cfg, self.cfg.preference
-        per_epoch = math.ceil(len(items) / pf.batch_size)
-        for k in range(self.state.step - first_step, pf.epochs * per_epoch):
-            epoch, b = divmod(k, per_epoch)
-            batch = epoch_batches(len(items), pf.batch_size, cfg.run.seed + self.state.round * 7_919, epoch)[b]
-            t0 = time.time()
-            out = self.train_step(items, ref, batch, kl_completions)
-            dt = time.time() - t0
-            s = self.state
-            if out["skipped_update"]:
-                s.consecutive_nonfinite += 1
-                s.nonfinite_total += 1
-            else:
-                s.consecutive_nonfinite = 0
-            s.step += 1
-            record = {"step": s.step, "epoch": epoch + 1, **extra, **out, "step_time_s": dt,
-                      "pairs_per_s": len(batch) / max(dt, 1e-9), "nonfinite_steps": s.nonfinite_total}
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            progress.update(record)
-            stop_after_nonfinite_streak(s.consecutive_nonfinite, cfg.train.max_nonfinite_steps, s.step,
-                                        self.run_dir / "checkpoints", "updates")
-            if cfg.train.save_every and s.step % cfg.train.save_every == 0:
-                self.save()
-            if stop.requested:
+    def finished(self, step: int) -> bool:
+        pf = self.cfg.preference
+        if not pf.online:
+            return step >= self.total_steps
+        while self.round < pf.rounds:  # sample the next round once the current one has had all its updates
+            if self.round_data is None:
+                self.round_data = self.build_round(self.round)
+                self.round_start_step = step
+                self.run.results.setdefault("rounds", []).append(self.round_data["info"])
+                self.run.write(f"[round {self.round + 1}] " + " ".join(
+                    f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in self.round_data["info"].items() if k != "round"))
+            if step - self.round_start_step < self._round_updates():
                 return False
+            self.round += 1
+            self.round_data = None
         return True
 
-    def fit(self) -> dict[str, Any]:
-        cfg, pf, s = self.cfg, self.cfg.preference, self.state
-        t_start, wall_before = time.time(), s.wall_time_s
-        s.results.pop("interrupted", None)
-        s.results["loss"] = cfg.algo.preference_loss
-        if self.data is not None:
-            s.results["data"] = {"train": len(self.data.train), "eval": len(self.data.eval),
-                                 **{k: v for k, v in self.data.counts.items()}}
-        if cfg.eval.before and "eval_before" not in s.results:
-            s.results["eval_before"] = self.evaluate()
-            self._write_results()
-            self._print_eval("before", s.results["eval_before"])
-        progress = PrefProgress(total=self.total_steps, initial=s.step, enabled=cfg.run.progress)
-        completed = True
-        with _InterruptFlag() as stop, progress:
-            if not pf.online:
-                completed = self._run_epochs(self.data.train, self.ref["train"] if self.ref else None,
-                                             self.kl_completions, 0, progress, stop, {})
-            else:
-                while s.round < pf.rounds:
-                    if s.round_data is None:
-                        s.round_data = self.build_round(s.round)
-                        s.round_start_step = s.step
-                        s.results.setdefault("rounds", []).append(s.round_data["info"])
-                        progress.write(f"[round {s.round + 1}] " + " ".join(
-                            f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-                            for k, v in s.round_data["info"].items() if k != "round"))
-                    rd = s.round_data
-                    if rd["pairs"]:
-                        completed = self._run_epochs(rd["pairs"], rd["ref"], None, s.round_start_step, progress,
-                                                     stop, {"round": s.round + 1})
-                    if not completed:
-                        break
-                    s.round += 1
-                    s.round_data = None
-        s.wall_time_s = wall_before + time.time() - t_start
-        if not completed:
-            s.results["interrupted"] = True
-            path = self.save()
-            self._write_results()
-            progress.write(f"[postrl] interrupted at step {s.step}; checkpoint {path}. Resume with: postrl dpo "
-                           f"{self.run_dir / 'config.yaml'} --resume {self.run_dir}")
-            return s.results
-        if cfg.eval.after:
-            s.results["eval_after"] = self.evaluate()
-            self._print_eval("after", s.results["eval_after"])
-        s.results.update(steps=s.step, wall_time_s=s.wall_time_s, nonfinite_steps=s.nonfinite_total)
-        self.save()
-        s.results["final_model"] = str(save_final(self.model, self.tokenizer, self.run_dir))
-        self._write_results()
-        return s.results
-
-    def _print_eval(self, when: str, ev: dict[str, Any]) -> None:
-        if not self.cfg.run.progress or not ev.get("n"):
-            return
-        if self.cfg.preference.online:
-            print(f"[eval] {when} training: held-out greedy accuracy {ev['accuracy']:.1%} (n={ev['n']})", flush=True)
+    def step(self, run) -> StepOutput:
+        """One update: batch ``k`` of epoch ``e`` over the offline pairs, or over the current round's pairs."""
+        cfg, pf = self.cfg, self.cfg.preference
+        if pf.online:
+            items, ref, kl, extra = self.round_data["pairs"], self.round_data["ref"], None, {"round": self.round + 1}
+            k = run.state.step - self.round_start_step
         else:
-            print(f"[eval] {when} training: held-out implicit-reward accuracy {ev['accuracy']:.1%}, "
-                  f"margin {ev['margin_mean']:.3f} (n={ev['n']} pairs)", flush=True)
+            items, ref, kl, extra = self.data.train, self.ref["train"] if self.ref else None, self.kl_completions, {}
+            k = run.state.step
+        epoch, b = divmod(k, math.ceil(len(items) / pf.batch_size))
+        batch = epoch_batches(len(items), pf.batch_size, cfg.run.seed + self.round * 7_919, epoch)[b]
+        t0 = time.time()
+        out = self.train_step(items, ref, batch, kl)
+        dt = time.time() - t0
+        return StepOutput({"epoch": epoch + 1, **extra, **out, "step_time_s": dt,
+                           "pairs_per_s": len(batch) / max(dt, 1e-9)}, ok=not out["skipped_update"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"round": self.round, "round_start_step": self.round_start_step, "round_data": self.round_data}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.round, self.round_start_step = state.get("round", 0), state.get("round_start_step", 0)
+        self.round_data = state.get("round_data")
+
+    def describe_eval(self, ev: dict[str, Any]) -> str | None:
+        if not ev.get("n"):
+            return None
+        if self.cfg.preference.online:
+            return f"held-out greedy accuracy {ev['accuracy']:.1%} (n={ev['n']})"
+        return f"held-out implicit-reward accuracy {ev['accuracy']:.1%}, margin {ev['margin_mean']:.3f} (n={ev['n']} pairs)"
 
     def close(self) -> None:
         if self.rewards is not None:
             self.rewards.close()
+            self.backend.close()
 
 
-def train_dpo(cfg: Config, init_model: str | None = None, run_dir: Path | None = None,
-              resume: str | Path | bool | None = None) -> tuple[Path, dict[str, Any]]:
-    """Run (or resume) ``postrl dpo``; returns ``(run_dir, results)``.
-
-    init_model: model to start from instead of ``cfg.model.name_or_path`` (e.g. the previous pipeline
-                stage's ``final`` directory); it is also the reference model.
-    run_dir:    write into this directory (created if needed) instead of a new ``run.output_dir/run.name``.
-    resume:     a run directory to continue from its latest checkpoint, or True to continue ``run_dir``
-                when it has a checkpoint (and start fresh there when it has none).
+def train_dpo(cfg: Config, resume: str | Path | None = None,
+              run_dir: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """Run (or resume) ``postrl dpo``; returns ``(run_dir, results)`` (see :func:`postrl.run.run_job`).
 
     ``results`` holds ``eval_before`` / ``eval_after`` (held-out implicit-reward accuracy and margin; online:
     greedy task accuracy), ``data`` (counts of pairs, skipped and truncated), ``rounds`` (online), ``steps``,
     ``wall_time_s`` and ``final_model`` (``RUN_DIR/final``, a Hugging Face model directory).
     """
-    trainer = PreferenceTrainer(cfg, init_model=init_model, run_dir=run_dir, resume=resume)
-    try:
-        return trainer.run_dir, trainer.fit()
-    finally:
-        trainer.close()
+    return run_job(PreferenceTrainer, cfg, resume=resume, run_dir=run_dir)

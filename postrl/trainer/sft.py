@@ -14,10 +14,8 @@ model directory + ``trainer_state.pt``), exact resume, Ctrl-C checkpoints and st
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -25,6 +23,7 @@ from typing import Any, Optional
 import torch
 
 from postrl.config import Config
+from postrl.data import build_data_source
 from postrl.data.sft import (
     SFTExample,
     SFTStats,
@@ -36,21 +35,11 @@ from postrl.data.sft import (
     split_records,
     tokenize_records,
 )
-from postrl.models.loading import load_model_and_tokenizer
+from postrl.models.loading import load_from_config
 from postrl.models.logprobs import token_logprobs
-from postrl.trainer.checkpoint import latest_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
-from postrl.trainer.progress import Progress
-from postrl.trainer.optim import clipped_step, stop_after_nonfinite_streak
-from postrl.trainer.rl import (
-    RunState,
-    TrainingError,
-    _InterruptFlag,
-    build_data_source,
-    lr_lambda,
-    new_run_dir,
-    seed_everything,
-    step_seed,
-)
+from postrl.run import Job, StepOutput, TrainingError, run_job
+from postrl.run.optim import build_optimizer, clipped_step
+from postrl.run.rng import step_seed
 
 log = logging.getLogger(__name__)
 
@@ -83,56 +72,28 @@ def sft_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Ten
     return sft_token_nll(logits, input_ids, loss_mask).sum() / max(num_tokens, 1.0)
 
 
-class _SFTProgress(Progress):
-    FIELDS = (("loss", "loss", "{:.4f}"), ("lr", "lr", "{:.2e}"), ("tok/s", "tokens_per_s", "{:.0f}"))
+class SFTTrainer(Job):
+    """The SFT step as a :class:`postrl.run.Job`; ``postrl.run`` owns the run around it."""
 
+    command = "sft"
+    progress_fields = (("loss", "loss", "{:.4f}"), ("lr", "lr", "{:.2e}"), ("tok/s", "tokens_per_s", "{:.0f}"))
 
-class SFTTrainer:
-    """Holds the pieces of one SFT run; :meth:`fit` is the loop."""
-
-    def __init__(self, cfg: Config, resume: str | Path | None = None, run_dir: str | Path | None = None):
+    def __init__(self, cfg: Config, checkpoint: Path | None = None):
         self.cfg = cfg
-        ckpt = None
-        if resume is not None:
-            self.run_dir = Path(resume)
-            ckpt = latest_checkpoint(self.run_dir / "checkpoints")
-            if ckpt is None:
-                raise TrainingError(f"--resume {resume}: no complete checkpoint under {self.run_dir / 'checkpoints'}")
-        if cfg.run.threads > 0:
-            torch.set_num_threads(cfg.run.threads)
-        seed_everything(cfg.run.seed)
-        m = cfg.model
-        self.model, self.tokenizer, self.model_source = load_model_and_tokenizer(
-            str(ckpt) if ckpt else m.name_or_path, dtype=m.dtype, device=m.device, revision=m.revision,
-            offline_fallback=m.offline_fallback, cache_dir=m.cache_dir, trust_remote_code=m.trust_remote_code)
+        self.model, self.tokenizer, self.model_source = load_from_config(cfg.model, checkpoint and str(checkpoint))
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
         self.stats = {"train": SFTStats(), "eval": SFTStats()}
         self.train_examples, self.eval_examples = self._load_data()
         s = cfg.sft
-        rows: list[list[SFTExample]] = (pack(self.train_examples, s.max_length) if s.packing
-                                        else [[e] for e in self.train_examples])
-        self.rows = rows
-        self.steps_per_epoch = math.ceil(len(rows) / s.batch_size)
+        self.rows: list[list[SFTExample]] = (pack(self.train_examples, s.max_length) if s.packing
+                                             else [[e] for e in self.train_examples])
+        self.steps_per_epoch = math.ceil(len(self.rows) / s.batch_size)
         self.total_steps = s.epochs * self.steps_per_epoch
         if s.max_steps:
             self.total_steps = min(self.total_steps, s.max_steps)
-
-        t = cfg.train
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(t.lr_schedule, t.warmup_steps, self.total_steps))
-        self.state = RunState()
-        if ckpt is not None:
-            self._load_state(ckpt)
-        else:  # created only now, so that a config, data or model error leaves no empty run directory behind
-            self.run_dir = new_run_dir(cfg, run_dir)
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        self._truncate_metrics(self.state.step)
-        from postrl.config import save_config
-
-        save_config(cfg, self.run_dir / "config.yaml")
+        self.optimizer, self.scheduler = build_optimizer(self.params, cfg.train, self.total_steps)
 
     # ----- data ----------------------------------------------------------------------------------------------
     def _load_data(self) -> tuple[list[SFTExample], list[SFTExample]]:
@@ -222,104 +183,25 @@ class SFTTrainer:
         loss = total / max(tokens, 1.0)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "n": len(examples), "tokens": int(tokens)}
 
-    # ----- state ---------------------------------------------------------------------------------------------
-    def _truncate_metrics(self, step: int) -> None:
-        if self.metrics_path.exists():
-            lines = [ln for ln in self.metrics_path.read_text().splitlines()
-                     if ln.strip() and json.loads(ln).get("step", 0) <= step]
-            self.metrics_path.write_text("".join(ln + "\n" for ln in lines))
+    def describe_eval(self, ev: dict[str, Any]) -> str:
+        return f"held-out completion loss {ev['loss']:.4f} (n={ev['n']})"
 
-    def _write_results(self) -> None:
-        path = self.run_dir / "results.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.state.results, indent=2))
-        os.replace(tmp, path)
+    def eval_metrics(self, ev: dict[str, Any]) -> dict[str, float]:
+        return {"eval/loss": ev["loss"]}
 
-    def trainer_state(self) -> dict[str, Any]:
-        return {"run_state": self.state.__dict__.copy(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "rng": rng_state(), "kind": "sft"}
+    def results_header(self) -> dict[str, Any]:
+        data = {k: v.as_dict() for k, v in self.stats.items()}
+        return {"data": {**data, "train_rows": len(self.rows)}, "total_steps": self.total_steps}
 
-    def _load_state(self, ckpt: Path) -> None:
-        try:
-            st = load_trainer_state(ckpt)
-            self.state = RunState(**st["run_state"])
-            self.optimizer.load_state_dict(st["optimizer"])
-            self.scheduler.load_state_dict(st["scheduler"])
-            set_rng_state(st["rng"])
-        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-            raise TrainingError(
-                f"--resume {self.run_dir}: cannot restore the trainer state of {ckpt}: {exc}. Resume with the "
-                f"run's own config ({self.run_dir / 'config.yaml'}); only settings such as sft.epochs may change."
-            ) from exc
-
-    def save(self) -> Path:
-        return save_checkpoint(self.run_dir / "checkpoints", self.state.step, self.model, self.tokenizer,
-                               self.trainer_state(), keep=self.cfg.train.keep_checkpoints)
-
-    # ----- the loop ------------------------------------------------------------------------------------------
-    def fit(self) -> dict[str, Any]:
-        cfg = self.cfg
-        t_start, wall_before = time.time(), self.state.wall_time_s
-        res = self.state.results
-        res.pop("interrupted", None)
-        res["data"] = {k: v.as_dict() for k, v in self.stats.items()}
-        res["data"]["train_rows"] = len(self.rows)
-        res["total_steps"] = self.total_steps
-        if cfg.eval.before and "eval_before" not in res:
-            res["eval_before"] = self.evaluate()
-            self._write_results()
-            if cfg.run.progress:
-                print(f"[eval] before SFT: held-out completion loss {res['eval_before']['loss']:.4f}", flush=True)
-        progress = _SFTProgress(total=self.total_steps, initial=self.state.step, enabled=cfg.run.progress)
-        interrupted = False
-        with _InterruptFlag() as stop, progress:
-            while self.state.step < self.total_steps:
-                step = self.state.step
-                t0 = time.time()
-                upd = self.update(self.batch_rows(step))
-                dt = time.time() - t0
-                if upd["ok"]:
-                    self.state.consecutive_nonfinite = 0
-                else:
-                    self.state.consecutive_nonfinite += 1
-                    self.state.nonfinite_total += 1
-                self.state.step = step + 1
-                record = {"step": self.state.step, "epoch": step // self.steps_per_epoch, "loss": upd["loss"],
-                          "grad_norm": upd["grad_norm"], "lr": upd["lr"], "target_tokens": upd["target_tokens"],
-                          "tokens": upd["tokens"], "tokens_per_s": upd["tokens"] / max(dt, 1e-9),
-                          "step_time_s": dt, "nonfinite_steps": self.state.nonfinite_total}
-                if cfg.eval.every and self.state.step % cfg.eval.every == 0 and self.state.step < self.total_steps:
-                    ev = self.evaluate()
-                    record["eval/loss"] = ev["loss"]
-                    res.setdefault("eval_during", []).append({"step": self.state.step, **ev})
-                with open(self.metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                progress.update(record)
-                stop_after_nonfinite_streak(self.state.consecutive_nonfinite, cfg.train.max_nonfinite_steps,
-                                            self.state.step, self.run_dir / "checkpoints", "SFT steps")
-                self.state.wall_time_s = wall_before + time.time() - t_start
-                if cfg.train.save_every and self.state.step % cfg.train.save_every == 0:
-                    self.save()
-                if stop.requested:
-                    interrupted = True
-                    break
-        if interrupted:
-            res["interrupted"] = True
-            path = self.save()
-            self._write_results()
-            progress.write(f"[postrl] interrupted at step {self.state.step}; checkpoint {path}. "
-                           f"Resume with: postrl sft {self.run_dir / 'config.yaml'} --resume {self.run_dir}")
-            return res
-        if cfg.eval.after:
-            res["eval_after"] = self.evaluate()
-            if cfg.run.progress:
-                print(f"[eval] after SFT: held-out completion loss {res['eval_after']['loss']:.4f}", flush=True)
-        self.state.wall_time_s = wall_before + time.time() - t_start
-        res.update(steps=self.state.step, wall_time_s=self.state.wall_time_s,
-                   nonfinite_steps=self.state.nonfinite_total)
-        self.save()
-        self._write_results()
-        return res
+    # ----- the step ------------------------------------------------------------------------------------------
+    def step(self, run) -> StepOutput:
+        step = run.state.step
+        t0 = time.time()
+        upd = self.update(self.batch_rows(step))
+        dt = time.time() - t0
+        return StepOutput({"epoch": step // self.steps_per_epoch, "loss": upd["loss"], "grad_norm": upd["grad_norm"],
+                           "lr": upd["lr"], "target_tokens": upd["target_tokens"], "tokens": upd["tokens"],
+                           "tokens_per_s": upd["tokens"] / max(dt, 1e-9), "step_time_s": dt}, ok=upd["ok"])
 
 
 def train_sft(cfg: Config, resume: str | Path | None = None,
@@ -329,5 +211,4 @@ def train_sft(cfg: Config, resume: str | Path | None = None,
     ``run_dir`` (new runs only) names the directory to create instead of ``run.output_dir/run.name``; it must
     be absent or empty. The starting weights are ``model.name_or_path`` (e.g. a previous stage's checkpoint).
     """
-    trainer = SFTTrainer(cfg, resume=resume, run_dir=run_dir)
-    return trainer.run_dir, trainer.fit()
+    return run_job(SFTTrainer, cfg, resume=resume, run_dir=run_dir)

@@ -20,7 +20,10 @@ class Progress:
               ("kl_ref", "kl_ref", "{:.4f}"), ("ent", "entropy", "{:.2f}"), ("len", "response_len_mean", "{:.1f}"),
               ("tok/s", "tokens_per_s", "{:.0f}"))
 
-    def __init__(self, total: int, initial: int = 0, enabled: bool = True):
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True,
+                 fields: tuple[tuple[str, str, str], ...] | None = None):
+        if fields is not None:
+            self.FIELDS = fields
         self.live = enabled and sys.stderr.isatty()
         self.enabled = enabled
         # a pseudo-terminal may report a 0 x 0 size, which makes tqdm hide its bar: fall back to 120 x 24
@@ -54,3 +57,8 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
         return False
+
+
+PAIR_FIELDS = (("loss", "loss", "{:.4f}"), ("acc", "accuracy", "{:.2f}"), ("margin", "margins", "{:.3f}"),
+               ("round", "round", "{}"), ("pairs/s", "pairs_per_s", "{:.1f}"))
+"""Progress fields of the pairwise trainers (``postrl dpo``, ``postrl rm``)."""

@@ -1,11 +1,42 @@
-"""What every trainer shares around the optimizer: the clipped step, and stopping after non-finite steps."""
+"""What every trainer shares around the optimizer: AdamW with its learning-rate schedule, the clipped step,
+and stopping after non-finite steps."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
+
+from postrl.run.checkpoint import latest_checkpoint
+from postrl.run.errors import TrainingError
+
+
+def lr_lambda(schedule: str, warmup: int, total: int):
+    """Multiplier of the base learning rate at update ``step``: linear warm-up over ``warmup`` updates, then
+    constant, linear decay to 0 or cosine decay to 0 at ``total``."""
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return f
+
+
+def build_optimizer(params: list[torch.Tensor], train: Any, total_steps: int
+                    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over ``params`` with ``train.lr`` / ``adam_betas`` / ``weight_decay`` and the ``train.lr_schedule``
+    (with ``warmup_steps``) planned over ``total_steps`` scheduler steps."""
+    optimizer = torch.optim.AdamW(params, lr=train.lr, betas=tuple(train.adam_betas), weight_decay=train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(train.lr_schedule, train.warmup_steps, total_steps))
+    return optimizer, scheduler
 
 
 def clipped_step(params: Iterable[torch.Tensor], optimizer: torch.optim.Optimizer, grad_clip: float,
@@ -29,9 +60,6 @@ def clipped_step(params: Iterable[torch.Tensor], optimizer: torch.optim.Optimize
 def stop_after_nonfinite_streak(streak: int, limit: int, step: int, checkpoints: Path, unit: str = "steps") -> None:
     """Raise TrainingError once ``streak`` consecutive ``unit`` had a non-finite loss or gradient norm
     (``limit`` = train.max_nonfinite_steps; 0 means stop at the first). A finite step never stops a run."""
-    from postrl.trainer.checkpoint import latest_checkpoint
-    from postrl.trainer.rl import TrainingError
-
     if streak >= max(1, limit):
         last = latest_checkpoint(checkpoints)
         raise TrainingError(
