@@ -107,17 +107,21 @@ def step_samples(spec: dict[str, Any]):
 
 
 def run_postrl(spec: dict[str, Any], chan: Channel, baseline: bool = False) -> None:
+    from postrl.run.rng import seed_everything
     from postrl.trainer.rl import RLTrainer
 
     torch.set_num_threads(spec["threads"])
     t0 = time.perf_counter()
-    trainer = RLTrainer(bench_config(spec))
+    cfg = bench_config(spec)
+    seed_everything(cfg.run.seed)  # what postrl.run.run_job does before building the trainer
+    trainer = RLTrainer(cfg)
+    generator = trainer.backend.generator  # the torch backend's Generator
     if baseline:  # the speed levers off: DynamicCache, torch.multinomial, no shared prefill, unsorted micro batches
-        trainer.generator.kv_cache, trainer.generator.sampler = "dynamic", "multinomial"
-        trainer.generator.share_prefill = False
+        generator.kv_cache, generator.sampler = "dynamic", "multinomial"
+        generator.share_prefill = False
         trainer.sort_micro_batches = False
     timing = {"gen_s": 0.0}
-    generate = trainer.generator.generate
+    generate = generator.generate
 
     def timed_generate(*args, **kwargs):
         _sync()
@@ -127,12 +131,12 @@ def run_postrl(spec: dict[str, Any], chan: Channel, baseline: bool = False) -> N
         timing["gen_s"] += time.perf_counter() - start
         return out
 
-    trainer.generator.generate = timed_generate
+    generator.generate = timed_generate
     chan.send(ready=True, load_s=time.perf_counter() - t0, rss_mb=peak_rss_mb())
+    step = 0
     try:
         while True:
             chan.wait_for_step()
-            step = trainer.state.step
             timing["gen_s"] = 0.0
             _sync()
             start = time.perf_counter()
@@ -140,18 +144,17 @@ def run_postrl(spec: dict[str, Any], chan: Channel, baseline: bool = False) -> N
             upd = trainer.update(batch, step)
             _sync()
             step_s = time.perf_counter() - start
-            trainer.state.step = step + 1
-            gen = batch["gen"]
-            gen_tokens = int(gen.completion_mask.sum())
-            prompt_tokens = sum(len(p) for p in batch["prompts"])
+            gen_tokens = int(batch.attention_mask.sum())
+            prompt_tokens = sum(len(p) for p in batch.prompt_ids)
             chan.send(step=step, step_s=step_s, gen_s=timing["gen_s"], gen_tokens=gen_tokens,
-                      prompt_tokens=prompt_tokens, reward_mean=float(sum(batch["rewards"]) / len(batch["rewards"])),
+                      prompt_tokens=prompt_tokens, reward_mean=float(batch.rewards.mean()),
                       rows_computed_frac=upd["rows_computed_frac"], loss=upd["loss"], grad_norm=upd["grad_norm"],
                       rss_mb=peak_rss_mb(), gpu_peak_mb=gpu_peak_mb())
+            step += 1
     except Quit:
         pass
     finally:
-        trainer.rewards.close()
+        trainer.close()
     chan.send(done=True, rss_mb=peak_rss_mb(), gpu_peak_mb=gpu_peak_mb())
 
 
