@@ -286,3 +286,26 @@ def test_trackio_values_read_back(tmp_path):
     logs = {log["step"]: {k: v for k, v in log.items() if k not in ("step", "timestamp")} for log in got["logs"]}
     assert logs == {s: numbers_of(row(s)) for s in range(1, 4)}
     assert {k: got["config"][k] for k in CONFIG} == CONFIG
+
+
+# ------------------------------------------------------------------ through a training run
+def test_training_run_logs_every_metric_to_tensorboard(tiny_config):
+    """`postrl train` with run.report_to=[tensorboard]: every number of every metrics.jsonl row is in the event
+    file (read with TensorBoard's own reader) at its step, and the config is there as text."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from postrl.trainer.rl import train
+
+    run_dir, _ = train(tiny_config("train.steps=3", "run.threads=1", "run.report_to=[tensorboard]"))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for r in rows:
+        for key, value in scalars(r).items():
+            assert key in tags, key
+            logged = {e.step: e.value for e in acc.Scalars(key)}
+            assert logged[r["step"]] == pytest.approx(value, rel=1e-6, abs=1e-6), (key, r["step"])
+    assert {k for r in rows for k in scalars(r)} == tags  # nothing else, nothing missing
+    assert "config" in "".join(acc.Tags().get("tensors", []))

@@ -16,11 +16,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from postrl.run.files import replace_dir_atomically
 
 STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -29,22 +30,14 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 def save_checkpoint(ckpt_root: Path, step: int, model, tokenizer, trainer_state: dict, keep: int = 0) -> Path:
     """Write ``ckpt_root/step_{step:06d}`` atomically; keep the newest ``keep`` (0 = all)."""
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step_{step:06d}-", dir=ckpt_root))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         torch.save(trainer_state, tmp / STATE_FILE)
-        if final.exists():  # re-saving the same step (e.g. Ctrl-C right after a periodic save)
-            old = final.with_name(final.name + ".old")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    # re-saving the same step (e.g. Ctrl-C right after a periodic save) replaces it
+    final = replace_dir_atomically(ckpt_root / f"step_{step:06d}", write)
     if keep > 0:
         for old in list_checkpoints(ckpt_root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -103,9 +96,8 @@ def publish_final(ckpt_dir: Path, run_dir: Path) -> Path:
     """``RUN_DIR/final``: the model directory of checkpoint ``ckpt_dir`` without the trainer state, for
     ``from_pretrained``. Files are hard-linked (copied where links are not possible), so publishing costs no
     second serialization of the weights, and the directory appears whole (written aside, then renamed)."""
-    final = run_dir / "final"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-final-", dir=run_dir))
-    try:
+
+    def write(tmp: Path) -> None:
         for f in ckpt_dir.iterdir():
             if f.name == STATE_FILE or not f.is_file():
                 continue
@@ -113,15 +105,5 @@ def publish_final(ckpt_dir: Path, run_dir: Path) -> Path:
                 os.link(f, tmp / f.name)
             except OSError:
                 shutil.copy2(f, tmp / f.name)
-        if final.exists():
-            old = final.with_name(".final.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+
+    return replace_dir_atomically(run_dir / "final", write)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:
@@ -52,3 +53,24 @@ def truncate_log(path: str | Path, step: int) -> None:
         return
     lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
     write_text_atomic(path, "".join(ln + "\n" for ln in lines))
+
+
+def replace_dir_atomically(target: Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp)`` into a fresh hidden directory next to ``target``, then rename it to ``target``
+    (replacing a ``target`` that exists: the old one is moved aside first and removed after). A crash or error
+    in ``write`` removes the partial directory and leaves ``target`` as it was."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        write(tmp)
+        if target.exists():
+            old = target.with_name(f".{target.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

@@ -1,16 +1,19 @@
-"""The RL loop (GRPO family), top to bottom like the paper's pseudo-code.
+"""The RL step (GRPO family), top to bottom like the paper's pseudo-code.
 
-    for step in steps:
-        prompts   = sampler.next_batch(prompts_per_step)           # PromptSource
-        rollouts  = generator.generate(prompts x n)                # Rollout (ids, mask, logprobs)
-        rewards   = reward_pipeline(completions) (+ overlong shaping)  # Reward (isolated failures)
-        adv       = advantage_fn(rewards, mask, n, cfg.algo, ...)  # Advantage [B, T]
-        for epoch, mini batch:                                     # Update
+    one step (RLTrainer.step):
+        prompts   = sampler.next_batch(prompts_per_step)             # PromptSource
+        gen       = backend.generate(prompt ids x n)                 # Generation (ids, mask, behaviour logprobs)
+        rewards   = reward_pipeline(texts, prompt text + ids) (+ overlong shaping)  # isolated failures
+        batch     = RolloutBatch(gen, rewards, components, ...)      # the typed batch
+        adv       = advantage_fn(rewards, loss_mask, n, cfg.algo, **declared requires)  # [B, T]
+        for epoch, mini batch:                                       # Update
             for micro batch: loss = agg(policy_loss(...) + kl_coef * kl(...)); backward
             clip grads; optimizer.step()
-        log metrics; checkpoint; periodic eval
+        -> StepOutput(metrics)
 
-Everything algorithmic is looked up by name in ``postrl.algorithms``.
+The loop around it (steps, metrics and trackers, checkpoints, periodic eval, Ctrl-C, resume) is
+``postrl.run.run_job``, shared by every command. Everything algorithmic is looked up by name in
+``postrl.algorithms``.
 """
 
 from __future__ import annotations
