@@ -223,7 +223,7 @@ def test_recipe_pipeline_tiny_each_stage_improves_held_out(tmp_path):
     sort task. The thresholds hold for every run.seed in 0-9 (measured: sft accuracy 16-72.5%, loss 4.35 ->
     0.25-0.64; dpo pair accuracy 69-83%, margin 0.07-0.18, accuracy -2 to +28.5 pt; grpo +16 to +48 pt, to
     70.5-97%); the recipe's seed 1 gives 46.5%, +12 pt, +29.5 pt."""
-    from postrl.commands.pipeline import RECIPES
+    from postrl.api import RECIPES
 
     cfg = load_config(RECIPES / "pipeline_tiny.yaml",
                       [f"run.output_dir={tmp_path}", "run.name=recipe", "run.progress=false"])

@@ -1,9 +1,10 @@
 """What the training commands share (train, sft, rm, dpo, pipeline): arguments, config resolution, errors.
 (Not a subcommand: the CLI skips modules whose name starts with "_".)
 
-Each command is ``run_trainer(args, trainer_fn, default_recipe, summary)``: load the recipe with its dotted
-overrides, call ``trainer_fn(cfg, resume=...)``, turn bad input into exit code 2 with one message, Ctrl-C
-into 130, and print the command's summary followed by ``run directory: <path>``.
+Each command is ``run_trainer(args, command, summary)``: run ``postrl.api.run_command(command, CONFIG,
+*overrides, resume=...)`` (the Python API resolves the config exactly as documented there: default recipe,
+a leading ``key=value``, the run's own ``config.yaml`` on ``--resume``), turn bad input into exit code 2 with
+one message, Ctrl-C into 130, and print the command's summary followed by ``run directory: <path>``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"  # also reachable as ./recipes in a checkout
 
 
 def report_input_error(exc: BaseException, extra: tuple[type, ...] = ()) -> bool:
@@ -36,36 +36,18 @@ def add_run_arguments(p: argparse.ArgumentParser, default: str, example: str) ->
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
 
 
-def resolve_config(config: str | None, overrides: list[str], resume: str | None, default: Path) -> tuple[Path, list[str]]:
-    """The config path and overrides: a leading ``key=value`` is an override of the default recipe; with
-    ``--resume`` and no config, the run's own ``config.yaml``."""
-    overrides = list(overrides)
-    if config is not None and "=" in config and not Path(config).exists():
-        overrides.insert(0, config)
-        config = None
-    if config is None and resume:
-        saved = Path(resume) / "config.yaml"
-        config = str(saved) if saved.is_file() else None
-    return (Path(config) if config else default), overrides
-
-
-def run_trainer(args: argparse.Namespace, trainer_fn: Callable[..., tuple[Path, dict[str, Any]]], default: Path,
-                summary: Callable[[Path, dict[str, Any]], None]) -> int:
-    from postrl.config import load_config
+def run_trainer(args: argparse.Namespace, command: str, summary: Callable[[Path, dict[str, Any]], None]) -> int:
+    from postrl.api import run_command
     from postrl.run.errors import TrainingError
 
-    path, overrides = resolve_config(args.config, args.overrides, args.resume, default)
     try:
-        # the run's own saved config may have been written by an earlier postrl: migrate keys that moved
-        saved = args.resume is not None and path.resolve() == (Path(args.resume) / "config.yaml").resolve()
-        cfg = load_config(path, overrides, migrate=saved)
-        run_dir, results = trainer_fn(cfg, resume=args.resume)
+        result = run_command(command, args.config, *args.overrides, resume=args.resume)
     except (ValueError, RuntimeError, OSError) as exc:
         if report_input_error(exc, (TrainingError,)):
             return 2
         raise
-    if results.get("interrupted"):
+    if result.results.get("interrupted"):
         return 130
-    summary(run_dir, results)
-    print(f"run directory: {run_dir}")
+    summary(result.run_dir, result.results)
+    print(f"run directory: {result.run_dir}")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from postrl.commands._common import RECIPES, add_run_arguments, run_trainer
+from postrl.commands._common import add_run_arguments, run_trainer
 
 HELP = "preference optimization: DPO, IPO, cDPO, robust DPO, SimPO, ORPO, KTO, SLiC; offline or online"
 ACCEPTS_OVERRIDES = True
@@ -31,9 +31,7 @@ def _summary(run_dir: Path, results: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from postrl.trainer.preference import train_dpo
-
-    return run_trainer(args, train_dpo, RECIPES / "dpo.yaml", _summary)
+    return run_trainer(args, "dpo", _summary)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

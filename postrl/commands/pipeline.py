@@ -5,16 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from postrl.commands._common import RECIPES, run_trainer
+from postrl.commands._common import run_trainer
 
 HELP = "run named stages in order (e.g. sft -> dpo -> grpo), each from the previous stage's weights"
 ACCEPTS_OVERRIDES = True
 
 
 def run(args: argparse.Namespace) -> int:
-    from postrl.trainer.pipeline import run_pipeline
-
-    return run_trainer(args, run_pipeline, RECIPES / "pipeline_tiny.yaml", _summary)
+    return run_trainer(args, "pipeline", _summary)
 
 
 def _summary(run_dir: Path, results: dict) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from postrl.commands._common import RECIPES, add_run_arguments, run_trainer
+from postrl.commands._common import add_run_arguments, run_trainer
 
 HELP = "reward-model training on chosen/rejected pairs (Bradley-Terry loss, optional margin)"
 ACCEPTS_OVERRIDES = True
@@ -25,9 +25,7 @@ def _summary(run_dir: Path, results: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from postrl.trainer.reward_model import train_rm
-
-    return run_trainer(args, train_rm, RECIPES / "rm.yaml", _summary)
+    return run_trainer(args, "rm", _summary)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

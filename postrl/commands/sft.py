@@ -5,16 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from postrl.commands._common import RECIPES, add_run_arguments, run_trainer
+from postrl.commands._common import add_run_arguments, run_trainer
 
 HELP = "supervised fine-tuning on prompt/completion, messages or text data (loss on completion tokens)"
 ACCEPTS_OVERRIDES = True
 
 
 def run(args: argparse.Namespace) -> int:
-    from postrl.trainer.sft import train_sft
-
-    return run_trainer(args, train_sft, RECIPES / "sft.yaml", _summary)
+    return run_trainer(args, "sft", _summary)
 
 
 def _summary(run_dir: Path, results: dict) -> None:

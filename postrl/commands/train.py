@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from postrl.commands._common import RECIPES, add_run_arguments, run_trainer
+from postrl.api import RECIPES
+from postrl.commands._common import add_run_arguments, run_trainer
 
 HELP = "RL training (GRPO family); no CONFIG runs recipes/quickstart.yaml"
 ACCEPTS_OVERRIDES = True  # key=value words after options are taken as dotted overrides
@@ -33,13 +34,11 @@ def _print_table(results: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from postrl.trainer import train
-
     def summary(run_dir: Path, results: dict) -> None:
         _print_table(results)
         _write_report(run_dir)
 
-    return run_trainer(args, train, _default_recipe(), summary)
+    return run_trainer(args, "train", summary)
 
 
 def _write_report(run_dir: Path) -> None:

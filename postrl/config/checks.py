@@ -74,3 +74,8 @@ class Problems:
         """Raise one :class:`ConfigError` listing every problem, if there is any."""
         if self.messages:
             raise ConfigError(f"{title}:\n  - " + "\n  - ".join(self.messages))
+
+
+ConfigTree = Any
+"""The whole config (:class:`postrl.config.schema.Config`) as the sections' ``validate`` methods see it; an
+alias, because ``schema`` imports the section modules and they cannot import it back."""

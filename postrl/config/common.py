@@ -6,10 +6,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checks import Problems
+from .checks import Problems, ConfigTree
 
-# ``cfg: Config`` below is the whole tree (postrl.config.schema.Config, which imports this module); the
-# annotation stays a string and is not imported here.
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
@@ -38,7 +36,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Passed to transformers; allows custom model code from the hub."""
 
-    def validate(self, p: Problems, cfg: Config) -> None:
+    def validate(self, p: Problems, cfg: ConfigTree) -> None:
         p.choice("model.dtype", self.dtype, DTYPES)
         p.check(bool(DEVICE_PATTERN.match(self.device)), "model.device", self.device,
                 "must be one of auto, cpu, cuda, cuda:N (N a GPU index), mps")
@@ -72,7 +70,7 @@ class DataConfig:
     answer_extraction: str = "raw"
     """How the answer is pulled from a completion: raw | answer_tag | boxed | last_number."""
 
-    def validate(self, p: Problems, cfg: Config) -> None:
+    def validate(self, p: Problems, cfg: ConfigTree) -> None:
         p.choice("data.source", self.source, DATA_SOURCES)
         p.choice("data.answer_extraction", self.answer_extraction, ANSWER_EXTRACTIONS)
         jsonl = self.source == "jsonl"
@@ -108,7 +106,7 @@ class EvalConfig:
     temperature: float = 1.0
     """Sampling temperature of the pass@k samples."""
 
-    def validate(self, p: Problems, cfg: Config) -> None:
+    def validate(self, p: Problems, cfg: ConfigTree) -> None:
         p.at_least("eval.every", self.every, 0, " (0 = off)")
         p.at_least("eval.max_new_tokens", self.max_new_tokens, 0, " (0 = rollout.max_new_tokens)")
         p.at_least("eval.batch_size", self.batch_size, 1)
@@ -137,7 +135,7 @@ class RunConfig:
     """Experiment trackers that also receive the metrics: any of tensorboard, wandb, mlflow, trackio
     (the names are checked by postrl/run/trackers.py when the run starts); empty = metrics.jsonl only."""
 
-    def validate(self, p: Problems, cfg: Config) -> None:
+    def validate(self, p: Problems, cfg: ConfigTree) -> None:
         p.check(bool(self.name), "run.name", self.name, "must not be empty")
         p.check(bool(self.output_dir), "run.output_dir", self.output_dir, "must not be empty")
         p.at_least("run.seed", self.seed, 0)

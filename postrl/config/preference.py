@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .checks import Problems
+from .checks import Problems, ConfigTree
 
-# ``cfg: Config`` below is the whole tree (postrl.config.schema.Config, which imports this module); the
-# annotation stays a string and is not imported here.
 
 PAIR_SELECTIONS = ("best_worst", "rso")
 ONLINE_REFERENCES = ("round", "initial")
@@ -93,7 +91,7 @@ class PreferenceConfig:
     """Online: reference = the policy at the start of each round (round, iterative DPO) or the initial model
     (initial)."""
 
-    def validate(self, p: Problems, cfg: Config) -> None:
+    def validate(self, p: Problems, cfg: ConfigTree) -> None:
         # imported here: postrl.algorithms imports torch, which loading a config does not otherwise need
         from postrl.algorithms.preference import PREFERENCE_LOSSES
 

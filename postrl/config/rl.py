@@ -9,10 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
-from .checks import Problems, divisors
+from .checks import Problems, divisors, ConfigTree
 
-# ``cfg: Config`` below is the whole tree (postrl.config.schema.Config, which imports this module); the
-# annotation stays a string and is not imported here.
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 ADV_STD_SCOPES = ("group", "batch", "none")
@@ -40,7 +38,7 @@ class RolloutConfig:
     """Generation backend: torch (in-process) or a served engine; the names are checked by the backend
     factory in postrl/rollout when the trainer builds it."""
 
-    def validate(self, p: Problems, cfg: Config) -> None:
+    def validate(self, p: Problems, cfg: ConfigTree) -> None:
         # the one place that requires groups: every built-in group-relative estimator (grpo, dr_grpo, rloo,
         # reinforce_pp_baseline, bnpo) and scoring.normalize=normalize_each_then_sum rely on it
         p.check(self.n >= 2, "rollout.n", self.n,
@@ -107,7 +105,7 @@ class ScoringConfig:
     eps: float = 1e-6
     """Added to the group std by ``normalize_each_then_sum``."""
 
-    def validate(self, p: Problems, cfg: Config) -> None:
+    def validate(self, p: Problems, cfg: ConfigTree) -> None:
         p.check(self.normalize in SCORING_MODES, "scoring.normalize", self.normalize,
                 "must be 'sum_then_normalize' or 'normalize_each_then_sum'")
         p.check(abs(self.failure_score) < float("inf"), "scoring.failure_score", self.failure_score, "must be finite")
@@ -170,7 +168,7 @@ class AlgoConfig:
     max_sampling_tries: int = 4
     """Cap on rollout batches drawn per step with dynamic_sampling."""
 
-    def validate(self, p: Problems, cfg: Config) -> None:
+    def validate(self, p: Problems, cfg: ConfigTree) -> None:
         # Imported here, not at the top: postrl.algorithms imports torch, and its modules may name
         # AlgoConfig in annotations; the registries are complete once the package is imported.
         from postrl.algorithms import ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
@@ -200,7 +198,7 @@ class AlgoConfig:
         p.at_least("algo.max_sampling_tries", self.max_sampling_tries, 1)
         self._check_combinations(p, cfg)
 
-    def _check_combinations(self, p: Problems, cfg: Config) -> None:
+    def _check_combinations(self, p: Problems, cfg: ConfigTree) -> None:
         """Pieces that are each valid but do not fit together. The rules name built-in methods only; a
         method registered by a user should raise ValueError on inputs it cannot use."""
         refused = [
@@ -242,7 +240,7 @@ class CriticConfig:
     warmup_steps: int = 0
     """Steps at the start during which only the critic is trained (the policy is not updated)."""
 
-    def validate(self, p: Problems, cfg: Config) -> None:
+    def validate(self, p: Problems, cfg: ConfigTree) -> None:
         p.check(self.lr > 0, "critic.lr", self.lr, "must be > 0")
         p.at_least("critic.value_clip", self.value_clip, 0, " (0 = off)")
         p.at_least("critic.warmup_steps", self.warmup_steps, 0)
@@ -281,7 +279,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """Keep only the newest N checkpoints; 0 = keep all."""
 
-    def validate(self, p: Problems, cfg: Config) -> None:
+    def validate(self, p: Problems, cfg: ConfigTree) -> None:
         p.at_least("train.steps", self.steps, 1)
         pps_ok = p.at_least("train.prompts_per_step", self.prompts_per_step, 1)
         mini_ok = p.at_least("train.mini_batch_size", self.mini_batch_size, 0, " (0 = whole rollout batch)")
@@ -301,7 +299,7 @@ class TrainConfig:
         if pps_ok and mini_ok and cfg.rollout.n >= 2:  # rollout.n is reported by its own section otherwise
             self._check_batch_sizes(p, cfg, micro_ok)
 
-    def _check_batch_sizes(self, p: Problems, cfg: Config, micro_ok: bool) -> None:
+    def _check_batch_sizes(self, p: Problems, cfg: ConfigTree, micro_ok: bool) -> None:
         """micro_batch | mini_batch | rollout_batch = prompts_per_step * rollout.n."""
         rollout_batch = cfg.rollout_batch_size
         mini = cfg.resolved_mini_batch_size

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .checks import Problems
+from .checks import Problems, ConfigTree
 
-# ``cfg: Config`` below is the whole tree (postrl.config.schema.Config, which imports this module); the
-# annotation stays a string and is not imported here.
 
 
 @dataclass
@@ -49,7 +47,7 @@ class SFTConfig:
     max_steps: int = 0
     """Stop after this many optimizer updates; 0 = epochs x ceil(rows / batch_size)."""
 
-    def validate(self, p: Problems, cfg: Config) -> None:
+    def validate(self, p: Problems, cfg: ConfigTree) -> None:
         for key in ("train_size", "eval_size", "max_steps"):
             p.at_least(f"sft.{key}", getattr(self, key), 0)
         for key in ("max_length", "batch_size", "epochs"):
