@@ -21,7 +21,7 @@ from postrl.rewards.base import RewardBatch
 from postrl.rewards.code import CodeReward
 from postrl.rewards.sandbox import RunResult, Sandbox, SandboxLimits, SandboxUnavailable
 
-LIMITS = SandboxLimits(timeout_s=1.0, memory_mb=256, max_processes=16, max_file_mb=8, disk_mb=32,
+LIMITS = SandboxLimits(timeout_s=1.0, memory_mb=256, max_processes=8, max_file_mb=8, disk_mb=32,
                        max_output_bytes=64 * 1024)
 
 

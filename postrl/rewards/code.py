@@ -19,8 +19,13 @@ Registered as ``code`` (a batched class; see :mod:`postrl.rewards.base`)::
 
    * stdin/stdout tests: the program gets ``input`` on stdin; its stdout must equal ``output``
      after whitespace normalization (:func:`outputs_match`, ``compare:``);
-   * assert tests: Python statements (``assert f(2) == 4``) run after the program in the same
-     process; the test passes when the process exits with 0.
+   * assert tests: Python statements (``assert f(2) == 4``, or any test code such as HumanEval's
+     ``def check(candidate): ...`` + ``check(f)``) run in a separate checker process against the
+     program (a test run of the sandbox: :meth:`Sandbox.run_test`): the program's names are looked
+     up, called and read over a pipe, only plain data comes back, and the comparisons run in the
+     checker. The test passes only when the checker saw it pass: a program that exits early, hooks
+     exits, exceptions or signals, monkeypatches builtins or the harness, or returns objects whose
+     ``__eq__`` always says yes gains nothing (docs/sandbox.md, *Reward hacking*).
 
 The reward is the fraction of tests passed (``mode: fraction``, default) or 1/0 for all tests
 passed or not (``mode: all``, which stops at the first failure). ``Scored.info["status"]`` says
@@ -199,24 +204,26 @@ def collect_tests(metadata: Any) -> tuple[list[tuple[str, str]], list[str], str]
     return io_tests, asserts, setup
 
 
-def _last_line(text: str) -> str:
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
-
-
 def _test_outcome(result: RunResult, expected: Optional[str], compare: str) -> str:
-    """``pass`` or the failure kind of one test (``expected`` None: an assert test)."""
+    """``pass`` or the failure kind of one test (``expected`` None: an assert test, a test run of
+    the sandbox whose verdict comes from its checker process)."""
     if result.status == "skipped":
         return "skipped"
     if result.status == "timeout":
         return "timeout"
-    if result.status == "ok":
-        if expected is None or outputs_match(result.stdout, expected, compare):
+    if expected is None:
+        if result.status == "ok" and result.verdict == "pass":
             return "pass"
-        return "wrong_answer"
-    if expected is None and result.status == "error" and _last_line(result.stderr).startswith("AssertionError"):
-        return "wrong_answer"
+        return "wrong_answer" if result.verdict == "assert" and result.status == "error" else "runtime_error"
+    if result.status == "ok":
+        return "pass" if outputs_match(result.stdout, expected, compare) else "wrong_answer"
     return "runtime_error"
+
+
+def _error_text(result: RunResult) -> str:
+    """What to show for a failed test: the checker's message, then the program's stderr."""
+    parts = [result.info.get("check", ""), result.stderr.strip()] if result.verdict else [result.stderr]
+    return "\n".join(p for p in parts if p)
 
 
 def score_tests(outcomes: list[str], mode: str = "fraction") -> float:
@@ -250,7 +257,8 @@ def overall_status(outcomes: list[str]) -> str:
 class CodeReward:
     """Batched code-execution reward (see the module docstring for kwargs and statuses).
 
-    kwargs: ``mode`` (fraction | all), ``timeout_s`` (per test), ``memory_mb``, ``extract``,
+    kwargs: ``mode`` (fraction | all), ``timeout_s`` (per test), ``memory_mb`` (per test, all its
+    processes together), ``max_processes``, ``extract``,
     ``compare``, ``workers`` (concurrent sandbox calls; default: CPU count), ``allow_unsafe``,
     ``max_code_chars``, ``max_output_bytes``, ``stop_after_timeout``, ``template`` (a program with
     ``{code}`` where the extracted code goes; default: none, the code is the program).
@@ -260,7 +268,7 @@ class CodeReward:
                  memory_mb: int = 512, extract: str = "auto", compare: str = "lines",
                  workers: Optional[int] = None, allow_unsafe: bool = False, max_code_chars: int = 100_000,
                  max_output_bytes: int = 1 << 20, stop_after_timeout: bool = True,
-                 template: Optional[str] = None):
+                 template: Optional[str] = None, max_processes: int = 4):
         errors = []
         if template is not None and (not isinstance(template, str) or TEMPLATE_FIELD not in template):
             errors.append(f"template={template!r:.80} (must be a string containing {TEMPLATE_FIELD}, "
@@ -283,7 +291,7 @@ class CodeReward:
         self.max_code_chars = max_code_chars
         self.stop_after_timeout = bool(stop_after_timeout)
         self.workers = workers or max(1, os.cpu_count() or 1)
-        self.sandbox = Sandbox(SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb,
+        self.sandbox = Sandbox(SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb, max_processes=max_processes,
                                              max_output_bytes=max_output_bytes), allow_unsafe=allow_unsafe)
         self._pool: Optional[ThreadPoolExecutor] = None
         self._lock = threading.Lock()
@@ -321,9 +329,8 @@ class CodeReward:
             return Scored(0.0, {"status": "compile_error", "passed": 0, "total": total, "error": error[:_INFO_CHARS]})
         if total == 0:
             return Scored(0.0, {"status": "no_tests"})
-        runs = [(code, stdin) for stdin, _ in io_tests]
-        prefix = code + "\n\n" + (setup + "\n" if setup else "")
-        runs += [(prefix + a, "") for a in asserts]
+        runs: list = [(code, stdin) for stdin, _ in io_tests]
+        runs += [{"code": code, "test": a, "setup": setup} for a in asserts]
         results = self.sandbox.run_many(runs, stop_on_failure=self.mode == "all",
                                         stop_after_timeout=self.stop_after_timeout)
         if any(r.status == "sandbox_error" for r in results):
@@ -334,8 +341,8 @@ class CodeReward:
         status = overall_status(outcomes)
         info: dict = {"status": status, "passed": outcomes.count("pass"), "total": total}
         failed = next((r for r, o in zip(results, outcomes) if o not in ("pass", "skipped")), None)
-        if failed is not None and failed.stderr:
-            info["error"] = failed.stderr[-_INFO_CHARS:]
+        if failed is not None and _error_text(failed):
+            info["error"] = _error_text(failed)[-_INFO_CHARS:]
         return Scored(score_tests(outcomes, self.mode), info)
 
     def __call__(self, batch: RewardBatch) -> list[Optional[Scored]]:
