@@ -455,5 +455,424 @@ def test_bad_limits_are_named():
         SandboxLimits(timeout_s=-1)
     with pytest.raises(ValueError, match="memory_mb"):
         SandboxLimits(memory_mb=1)
+    with pytest.raises(ValueError, match="max_processes=1 "):
+        SandboxLimits(max_processes=1)
+    with pytest.raises(ValueError, match="leaves 16 MB per process"):
+        SandboxLimits(memory_mb=256, max_processes=16)
+    assert SandboxLimits(memory_mb=512, max_processes=4).process_memory_mb == 128
     with pytest.raises(TypeError, match="runs\\[0\\]"):
         Sandbox.run_many(object.__new__(Sandbox), [123])
+
+
+# ------------------------------------------------------------------------------------------------
+# seccomp: every denied system call fails inside the sandbox; the filter itself, instruction by instruction
+# ------------------------------------------------------------------------------------------------
+def _syscall_numbers() -> dict:
+    sc = pytest.importorskip("pyseccomp")
+    arch = sc.system_arch()
+    out = {}
+    for name in sbx.DENIED_SYSCALLS + ("clone", "clone3", "socket", "getpid", "read", "write", "openat", "mmap",
+                                       "exit_group", "futex", "rt_sigaction", "close", "wait4", "kill"):
+        try:
+            out[name] = sc.resolve_syscall(arch, name)
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+CLONE_THREAD_FLAGS = 0x3D0F00  # what pthread_create passes (VM, FS, FILES, SIGHAND, THREAD, SYSVSEM, TLS, TIDs)
+CLONE_FORK_FLAGS = 0x1200011  # what fork() passes (SIGCHLD, CHILD_SETTID, CHILD_CLEARTID)
+NS_FLAGS = {"CLONE_NEWNS": 0x20000, "CLONE_NEWCGROUP": 0x2000000, "CLONE_NEWUTS": 0x4000000,
+            "CLONE_NEWIPC": 0x8000000, "CLONE_NEWUSER": 0x10000000, "CLONE_NEWPID": 0x20000000,
+            "CLONE_NEWNET": 0x40000000}
+
+
+def test_each_denied_syscall_fails_inside_the_sandbox(box):
+    import errno
+    import json
+
+    nrs = _syscall_numbers()
+    calls = [(name, nrs[name], [0] * 6, errno.EPERM) for name in sbx.DENIED_SYSCALLS if name in nrs]
+    calls = [(n, nr, [0x10000000 if n in ("unshare", "setns") else 0] + a[1:], e) for n, nr, a, e in calls]
+    calls += [(f"clone {flag}", nrs["clone"], [bit | 17, 0, 0, 0, 0, 0], errno.EPERM) for flag, bit in NS_FLAGS.items()]
+    calls += [("clone3", nrs["clone3"], [0] * 6, errno.ENOSYS)]
+    calls += [(f"socket family {f}", nrs["socket"], [f, 3, 0, 0, 0, 0], errno.EAFNOSUPPORT) for f in (16, 17, 0, 4, 38, 40)]
+    code = (f"import ctypes, json, os, socket, threading\n"
+            f"libc = ctypes.CDLL(None, use_errno=True)\n"
+            f"libc.syscall.restype = ctypes.c_long\n"
+            f"out = {{}}\n"
+            f"for name, nr, args, _ in {calls!r}:\n"
+            f"    ctypes.set_errno(0)\n"
+            f"    r = libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(a) for a in args])\n"
+            f"    if r == 0 and name.startswith('clone'):\n"
+            f"        os._exit(0)  # a child: only if clone were allowed\n"
+            f"    out[name] = [r, ctypes.get_errno()]\n"
+            f"s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)\n"  # allowed: the controls
+            f"u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+            f"t = threading.Thread(target=lambda: out.__setitem__('thread', [0, 0]))\n"
+            f"t.start(); t.join()\n"
+            f"pid = os.fork()\n"
+            f"if pid == 0:\n    os._exit(7)\n"
+            f"out['fork'] = [os.waitpid(pid, 0)[1] >> 8, 0]\n"
+            f"out['seccomp'] = [l.split()[1] for l in open('/proc/self/status') if l.startswith('Seccomp:')]\n"
+            f"print(json.dumps(out))\n")
+    r = run_contained(box, code)
+    assert r.status == "ok", r.stderr
+    got = json.loads(r.stdout)
+    assert got.pop("seccomp") == ["2"] and got.pop("thread") == [0, 0] and got.pop("fork") == [7, 0]
+    assert len(calls) >= 70
+    wrong = {name: (got[name], expected) for name, _, _, expected in calls if got[name] != [-1, expected]}
+    assert wrong == {}, wrong
+
+
+def _run_bpf(prog: bytes, nr: int, arch: int, args=(0,) * 6) -> int:
+    """A classic-BPF interpreter for seccomp filters: the action the filter returns for one call."""
+    import struct
+
+    data = struct.pack("<iIQ6Q", nr, arch, 0, *[a & (2**64 - 1) for a in args])
+    insns = [struct.unpack("<HBBI", prog[i:i + 8]) for i in range(0, len(prog), 8)]
+    a = x = pc = 0
+    mem = [0] * 16
+    while True:
+        code, jt, jf, k = insns[pc]
+        pc += 1
+        cls = code & 0x07
+        if cls == 0x00:  # LD
+            mode = code & 0xE0
+            a = struct.unpack_from("<I", data, k)[0] if mode == 0x20 else mem[k] if mode == 0x60 else k
+        elif cls == 0x01:  # LDX
+            x = mem[k] if code & 0xE0 == 0x60 else k
+        elif cls == 0x02:
+            mem[k] = a
+        elif cls == 0x03:
+            mem[k] = x
+        elif cls == 0x04:  # ALU
+            src = x if code & 0x08 else k
+            a = {0x00: a + src, 0x10: a - src, 0x20: a * src, 0x40: a | src, 0x50: a & src, 0x60: a << src,
+                 0x70: a >> src, 0xA0: a ^ src, 0x80: -a}[code & 0xF0] & 0xFFFFFFFF
+        elif cls == 0x05:  # JMP
+            src = x if code & 0x08 else k
+            if code & 0xF0 == 0x00:
+                pc += k
+            else:
+                cond = {0x10: a == src, 0x20: a > src, 0x30: a >= src, 0x40: (a & src) != 0}[code & 0xF0]
+                pc += jt if cond else jf
+        elif cls == 0x06:  # RET
+            return a if code & 0x18 == 0x10 else k
+        else:  # TAX / TXA
+            if code & 0xF8 == 0:
+                x = a
+            else:
+                a = x
+
+
+def test_the_filter_denies_exactly_what_it_should():
+    import errno
+
+    sc = pytest.importorskip("pyseccomp")
+    try:
+        bpf = sbx.seccomp_filter()
+    except SandboxUnavailable as exc:
+        pytest.skip(str(exc))
+    arch, nrs = sc.system_arch(), _syscall_numbers()
+    allow, kill = 0x7FFF0000, {0x00000000, 0x80000000}
+
+    def action(name, *args):
+        return _run_bpf(bpf, nrs[name], arch, args or (0,) * 6)
+
+    def err(e):
+        return 0x00050000 | e
+
+    for name in sbx.DENIED_SYSCALLS:
+        if name in nrs:
+            assert action(name) == err(errno.EPERM), name
+    assert action("clone3") == err(errno.ENOSYS)
+    for flag, bit in NS_FLAGS.items():
+        assert action("clone", bit | 17, 0, 0, 0, 0, 0) == err(errno.EPERM), flag
+    assert action("clone", CLONE_THREAD_FLAGS, 0, 0, 0, 0, 0) == allow
+    assert action("clone", CLONE_FORK_FLAGS, 0, 0, 0, 0, 0) == allow
+    for family in range(64):
+        expected = allow if family in sbx.ALLOWED_SOCKET_FAMILIES else err(errno.EAFNOSUPPORT)
+        assert action("socket", family, 1, 0, 0, 0, 0) == expected, family
+    for name in ("getpid", "read", "write", "openat", "mmap", "exit_group", "futex", "rt_sigaction", "close",
+                 "wait4", "kill"):
+        assert action(name) == allow, name
+    assert _run_bpf(bpf, 20, 0x40000003) in kill  # another architecture's calls (i386 int 0x80): killed
+
+
+def test_without_libseccomp_the_sandbox_fails_closed(monkeypatch):
+    monkeypatch.setattr(sbx, "_SECCOMP", [(None, "simulated: no libseccomp")])
+    monkeypatch.setattr(sbx, "_PROBES", {})
+    ok, reason = sbx.probe_isolation()
+    assert not ok and "seccomp" in reason and "simulated" in reason
+    with pytest.raises(SandboxUnavailable, match="seccomp"):
+        Sandbox(LIMITS)
+
+
+# ------------------------------------------------------------------------------------------------
+# memory: one call stays within its budget, all its processes together (measured from outside)
+# ------------------------------------------------------------------------------------------------
+HOG = """
+import os, sys, time
+
+def hog():
+    chunks = []
+    try:
+        while True:
+            chunks.append(b'x' * (1 << 20))  # written, so resident
+    except MemoryError:
+        pass
+    return chunks
+
+r, w = os.pipe()
+kids = []
+for _ in range(64):
+    try:
+        pid = os.fork()
+    except OSError:
+        break
+    if pid == 0:
+        held = hog()
+        os.write(w, len(held).to_bytes(4, 'big'))
+        time.sleep(5)
+        os._exit(0)
+    kids.append(pid)
+held = hog()
+total = len(held)
+for _ in kids:
+    total += int.from_bytes(os.read(r, 4), 'big')
+print(len(kids) + 1, total)
+sys.stdout.flush()
+time.sleep(1.0)
+"""
+
+
+def _sandbox_rss_kb(host_uid: int) -> tuple[int, int]:
+    """(sum of VmRSS in kB, number) of the host processes whose real uid is ``host_uid``."""
+    total = count = 0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/status") as f:
+                status = f.read()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if int(fields.get("Uid", "-1 ").split()[0]) != host_uid:
+            continue
+        count += 1
+        total += int(fields.get("VmRSS", "0 kB").split()[0])
+    return total, count
+
+
+def test_one_call_of_memory_hogs_stays_within_its_budget():
+    """The program starts the most processes it may, each allocating all it can; the sum of their
+    resident memory, read from the host every 10 ms, never exceeds the call's memory_mb."""
+    import random
+
+    ok, reason = sbx.probe_isolation()
+    if not ok:
+        pytest.skip(f"this host cannot isolate code: {reason}")
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the sandbox's processes are told apart by their host uid")
+    limits = SandboxLimits(timeout_s=10.0, memory_mb=256, max_processes=4, max_output_bytes=4096)
+    uid_base = sbx.DEFAULT_UID_BASE + 2 * random.randrange(1, 10**6)
+    box = Sandbox(limits, uid_base=uid_base, cgroup=None)
+    assert box.memory_bound == "rlimit"
+    peak = [0, 0]
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            kb, n = _sandbox_rss_kb(uid_base + 1)
+            peak[0], peak[1] = max(peak[0], kb), max(peak[1], n)
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        r = box.run(HOG)
+    finally:
+        stop.set()
+        watcher.join(5)
+    assert r.status == "ok", r.stderr
+    procs, held_mb = map(int, r.stdout.split())
+    assert procs == limits.max_processes == peak[1]  # the most processes it may have, all seen
+    assert held_mb >= 0.6 * limits.memory_mb  # it did take nearly all it could...
+    assert peak[0] <= limits.memory_mb * 1024, peak  # ...and all of it together stayed within the budget
+    print(f"\nmemory budget {limits.memory_mb} MB, {procs} processes: program held {held_mb} MB, "
+          f"peak resident sum measured from the host {peak[0] / 1024:.1f} MB")
+
+
+def test_a_delegated_cgroup_gets_the_budget_and_every_process(tmp_path, monkeypatch):
+    """With a cgroup v2 (here a directory standing in for one: this host delegates none), each call
+    gets its own child with memory.max = the budget, every process of the call writes itself into its
+    cgroup.procs, each process may use the whole budget, and the child is removed afterwards."""
+    ok, reason = sbx.probe_isolation()
+    if not ok:
+        pytest.skip(f"this host cannot isolate code: {reason}")
+    parent = tmp_path / "cg"
+    parent.mkdir()
+    (parent / "cgroup.subtree_control").write_text("cpu memory pids\n")
+    monkeypatch.setenv("POSTRL_SANDBOX_CGROUP", str(parent))
+    assert sbx.find_memory_cgroup() == str(parent)
+    seen = {}
+    real_enter, real_exit = sbx._CallCgroup.__enter__, sbx._CallCgroup.__exit__
+
+    def enter(self):
+        procs = real_enter(self)
+        open(procs, "w").close()  # cgroupfs has it; a plain directory does not
+        return procs
+
+    def leave(self, *exc):
+        seen["memory.max"] = (Path(self.path) / "memory.max").read_text()
+        seen["procs"] = (Path(self.path) / "cgroup.procs").read_text()
+        for f in Path(self.path).iterdir():  # cgroupfs removes its files with the directory
+            f.unlink()
+        real_exit(self, *exc)
+        seen["removed"] = not Path(self.path).exists()
+
+    monkeypatch.setattr(sbx._CallCgroup, "__enter__", enter)
+    monkeypatch.setattr(sbx._CallCgroup, "__exit__", leave)
+    box = Sandbox(SandboxLimits(timeout_s=2.0, memory_mb=256, max_processes=4))
+    assert box.cgroup == str(parent) and box.memory_bound == "cgroup"
+    r = box.run_many(["import resource; print(resource.getrlimit(resource.RLIMIT_AS)[0] >> 20)",
+                      {"code": "def f():\n    return 1\n", "test": "assert f() == 1"}])
+    assert [x.status for x in r] == ["ok", "ok"], r
+    assert r[0].stdout.strip() == "256"  # each process may use the whole budget: the cgroup bounds the sum
+    assert seen["memory.max"] == str(256 << 20)
+    assert seen["procs"] == "0" * 3  # the plain run's program, then the test run's checker and program
+    assert seen["removed"]
+
+
+# ------------------------------------------------------------------------------------------------
+# what a run can see: not the other runs' code, input, test or output
+# ------------------------------------------------------------------------------------------------
+FINDER = r"""
+import ctypes, gc, os, re, sys
+PAT = re.compile(rb'SECRET-[0-9a-f]{32}')
+found = set()
+try:
+    found.update(PAT.findall(sys.stdin.buffer.read()))
+except Exception:
+    pass
+with open('/proc/self/maps') as maps:
+    for line in maps:
+        f = line.split()
+        lo, hi = (int(x, 16) for x in f[0].split('-'))
+        if 'r' in f[1] and hi - lo < (256 << 20) and not line.rstrip().endswith(('[vvar]', '[vsyscall]', '[vvar_vclock]')):
+            found.update(PAT.findall(ctypes.string_at(lo, hi - lo)))
+for o in gc.get_objects():
+    try:
+        found.update(PAT.findall(repr(o).encode('utf-8', 'replace')))
+    except Exception:
+        pass
+for pid in os.listdir('/proc'):
+    if pid.isdigit():
+        for part in ('cmdline', 'environ', 'mem'):
+            try:
+                found.update(PAT.findall(open(f'/proc/{pid}/{part}', 'rb').read(1 << 20)))
+            except OSError:
+                pass
+print(' '.join(sorted(x.decode() for x in found)))
+"""
+
+
+def test_a_run_cannot_read_the_other_runs_of_its_call(box):
+    s = ["SECRET-" + uuid.uuid4().hex for _ in range(5)]
+    pad = "." * 20_000  # items of this size live on the C heap: without zeroing, a freed one stays readable
+    runs = [{"code": FINDER, "stdin": pad + s[0] + pad},                       # its input
+            {"code": FINDER + f"\n# {pad}{s[1]}{pad}\n", "stdin": ""},         # its code
+            {"code": FINDER, "test": f"assert {pad + s[2] + pad!r} != ''"},     # its test (never in the program)
+            {"code": FINDER, "stdin": pad + s[3] + pad},
+            {"code": FINDER, "stdin": s[4]}]  # each run prints what it found: the outputs hold secrets too
+    results = box.run_many(runs)
+    assert [r.status for r in results] == ["ok"] * 5, [r.stderr for r in results]
+    found = [set(r.stdout.split("\n")[0].split()) for r in results]
+    assert found[0] == {s[0]} and found[1] == {s[1]} and found[2] == set()
+    assert found[3] == {s[3]} and found[4] == {s[4]}
+
+
+# ------------------------------------------------------------------------------------------------
+# the plain-data channel between a program and its test
+# ------------------------------------------------------------------------------------------------
+def test_plain_data_round_trips_exactly():
+    from decimal import Decimal
+    from fractions import Fraction
+
+    values = [None, True, False, 0, -1, 2**200, -(3**90), 1.5, -0.0, float("inf"), 1e-310, 2 + 3j, "", "héllo \ud800",
+              b"\x00\xff", bytearray(b"ab"), [1, [2, (3,)]], (), {1: "a", (2, 3): [4]}, {1, 2}, frozenset({"x"}),
+              Ellipsis, Fraction(-7, 3), Decimal("1.10")]
+    for v in values:
+        got = sbx._decode(sbx._encode(v, None), None)
+        assert type(got) is type(v) and (got == v or v != v), v
+    nan = sbx._decode(sbx._encode(float("nan"), None), None)
+    assert nan != nan
+
+
+def test_subclasses_cross_as_their_builtin_base_value():
+    class Eq(int):
+        def __eq__(self, other):
+            return True
+        __hash__ = int.__hash__
+
+    class S(str):
+        def __eq__(self, other):
+            return True
+
+    class L(list):
+        def __iter__(self):
+            return iter([99])
+
+    class D(dict):
+        def items(self):
+            return [("forged", 1)]
+
+    got = sbx._decode(sbx._encode([Eq(5), S("a"), L([1, 2]), D(k=1), (Eq(7),)], None), None)
+    assert got == [5, "a", [1, 2], {"k": 1}, (7,)]
+    assert [type(x) for x in got] == [int, str, list, dict, tuple] and type(got[4][0]) is int
+    assert got[0] != 6  # the builtin comparison: the override is gone
+
+
+def test_other_objects_are_opaque_handles_and_malformed_data_is_refused():
+    seen = []
+    data = sbx._encode([object(), len], lambda v: seen.append(v) or len(seen) - 1)
+    assert data == b"l2:h0;h1;" and len(seen) == 2
+    link = sbx._Link(-1, -1)
+    a, b = sbx._decode(data, link._remote)
+    assert type(a) is sbx.Remote and a == a and a != b and a != 0 and not (a == 1)
+    with pytest.raises(TypeError, match="no truth value"):
+        bool(a)
+    with pytest.raises(TypeError):
+        a < 1  # noqa: B015
+    for bad in (b"", b"x", b"i12", b"s5:ab", b"l2:i1;", b"d1:l0:i1;", b"S1:l0:", b"i1;i2;", b"l9999999999:", b"[" * 500,
+                b"l1:" * 300 + b"N", b"q" + b"s1:a" + b"i1;", b"f0x1p+;"):
+        with pytest.raises(sbx._Malformed):
+            sbx._decode(bad, lambda h: h)
+    with pytest.raises(TypeError, match="cannot be passed to the program"):
+        sbx._encode(object(), sbx._Link._handle_of)
+
+
+def test_test_runs_work_like_the_tests_people_write(box):
+    cases = {
+        ("import math\ndef area(r):\n    return math.pi * r * r", "assert math.isclose(area(2), 12.566, rel_tol=1e-3)"): "pass",
+        ("from math import isclose\ndef f():\n    return 0.5", "assert isclose(f(), 0.5)"): "pass",
+        ("class Solution:\n    def two(self, a):\n        return sorted(a)", "assert Solution().two([3, 1]) == [1, 3]"): "pass",
+        ("def push(a):\n    a.append(1)", "x = []\npush(x)\nassert x == [1]"): "pass",  # changed in place
+        ("def gen(n):\n    yield from range(n)", "assert list(gen(3)) == [0, 1, 2]\nassert len(list(gen(2))) == 2"): "pass",
+        ("def f(x):\n    raise ValueError('negative')", "try:\n    f(-1)\n    assert False\nexcept ValueError:\n    pass"): "pass",
+        ("def f(x):\n    return x", "def check(candidate):\n    assert candidate(1) == 1\n    assert candidate(2) == 3\ncheck(f)"): "assert",
+        ("from fractions import Fraction\ndef f():\n    return Fraction(1, 3)", "from fractions import Fraction\nassert f() == Fraction(1, 3)"): "pass",
+        ("LIMIT = 5", "assert LIMIT == 5"): "pass",
+        ("def f():\n    return 1", "assert g() == 1"): "error",  # NameError
+        ("def f():\n    return 1 / 0", "assert f() == 1"): "error",
+        ("def f():\n    return object()", "assert f() == 1"): "assert",
+        ("def f(g):\n    return g(2)", "assert f(lambda x: x) == 2"): "error",  # a test's function cannot be passed
+    }
+    runs = [{"code": code, "test": test} for code, test in cases]
+    results = box.run_many(runs)
+    got = {key: r.verdict for key, r in zip(cases, results)}
+    assert got == cases, [(k[1], r.verdict, r.info, r.stderr) for k, r in zip(cases, results) if got[k] != cases[k]]
+    assert results[9].info["check"].startswith("NameError") and "test line 1" in results[9].info["check"]
+    assert results[10].info["check"].startswith("ZeroDivisionError")

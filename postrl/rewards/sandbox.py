@@ -1159,9 +1159,8 @@ def _execute_run(kind: str, hdr: dict, workdir: str, mode: str, data_fd: int) ->
             kind_ = "ok" if code == 0 else "error"
         rc = code
     else:
-        view = bytes(vbuf[:nv])
-        tag, message = view[:1], view[1:]
-        verdict = {b"P": "pass", b"A": "assert", b"E": "error"}.get(tag)
+        verdict = {0x50: "pass", 0x41: "assert", 0x45: "error"}.get(vbuf[0]) if nv else None
+        message = memoryview(vbuf)[1:max(1, nv)]  # no copy of the test's message outside vbuf
         if flooded:
             kind_ = "output_limit"
         elif verdict == "pass":
@@ -1180,6 +1179,8 @@ def _execute_run(kind: str, hdr: dict, workdir: str, mode: str, data_fd: int) ->
     _write_all(1, memoryview(out)[:n[out_r]])
     _write_all(1, memoryview(err)[:n[err_r]])
     _write_all(1, message)
+    if isinstance(message, memoryview):
+        message.release()
     for buf, used in ((out, n[out_r]), (err, n[err_r]), (scratch, len(scratch)), (vbuf, nv)):
         _zero(buf, used)  # nothing of this run stays in G's memory for the next one
     return kind_
