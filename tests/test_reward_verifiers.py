@@ -143,7 +143,9 @@ def test_math_runs_in_the_process_pool_with_statuses():
 @pytest.mark.parametrize("text, expected", [
     ("<think>reason</think><answer>5</answer>", 1.0),
     ("  <think>\nreason\n</think>\n\n<answer> 5 </answer>\n", 1.0),  # whitespace around/between blocks
-    ("<think></think><answer></answer>", 1.0),  # empty blocks are allowed
+    ("<think></think><answer></answer>", 0.0),  # empty blocks: a degenerate structure (require_content)
+    ("<think> ... </think><answer>5</answer>", 0.0),  # a block of punctuation only
+    ("<think>x</think><answer>5</answer>", 1.0),  # one letter or digit is content
     ("<answer>5</answer><think>r</think>", 0.0),  # wrong order
     ("<think>r</think>text<answer>5</answer>", 0.0),  # text between the blocks
     ("<think>r</think><answer>5</answer> bye", 0.0),  # text after
@@ -168,6 +170,13 @@ def test_format_full_structure(text, expected):
 ])
 def test_format_partial_credit_by_hand(text, counted):
     assert format_partial_credit(text) == counted / 4
+
+
+def test_format_empty_blocks_need_require_content_off():
+    assert format_reward("<think></think><answer></answer>", S()).info["status"] == "empty_block"
+    assert format_reward("<think></think><answer></answer>", S(), partial=True).score == 0.0  # no partial credit
+    assert format_reward("<think></think><answer></answer>", S(), require_content=False).score == 1.0
+    assert format_reward("<a></a>", S(), pattern=r"<a></a>").score == 1.0  # a user pattern is taken as written
 
 
 def test_format_partial_reward_and_statuses():

@@ -48,6 +48,10 @@ def run_trainer(args: argparse.Namespace, command: str, summary: Callable[[Path,
         raise
     if result.results.get("interrupted"):
         return 130
+    from postrl.run.distributed import launched_rank
+
+    if launched_rank() != 0:  # torchrun: rank 0 prints the summary and writes the report
+        return 0
     summary(result.run_dir, result.results)
     print(f"run directory: {result.run_dir}")
     return 0

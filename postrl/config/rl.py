@@ -16,6 +16,9 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 ADV_STD_SCOPES = ("group", "batch", "none")
 TIS_MODES = ("off", "clamp", "mask")
 SCORING_MODES = ("sum_then_normalize", "normalize_each_then_sum")
+STRATEGIES = ("none", "ddp", "fsdp")
+MIXED_PRECISION = ("none", "bf16")
+REWARD_EXECUTORS = ("local", "ray")
 
 
 @dataclass
@@ -278,6 +281,12 @@ class TrainConfig:
     """Save a checkpoint every N steps; 0 = only at the end."""
     keep_checkpoints: int = 2
     """Keep only the newest N checkpoints; 0 = keep all."""
+    strategy: str = "none"
+    """Data parallelism under ``torchrun`` (docs/scaling.md): none (one process) | ddp (a full replica per rank,
+    gradients all-reduced) | fsdp (FSDP2: parameters, gradients and optimizer state sharded over the ranks)."""
+    mixed_precision: str = "none"
+    """fsdp only: none | bf16 (compute and all-gather in bfloat16; float32 master weights and gradient
+    reduction, so load the model in float32)."""
 
     def validate(self, p: Problems, cfg: ConfigTree) -> None:
         p.at_least("train.steps", self.steps, 1)
@@ -296,6 +305,11 @@ class TrainConfig:
         p.at_least("train.max_nonfinite_steps", self.max_nonfinite_steps, 0)
         p.at_least("train.save_every", self.save_every, 0, " (0 = only at the end)")
         p.at_least("train.keep_checkpoints", self.keep_checkpoints, 0, " (0 = keep all)")
+        p.choice("train.strategy", self.strategy, STRATEGIES)
+        if p.choice("train.mixed_precision", self.mixed_precision, MIXED_PRECISION):
+            p.check(self.mixed_precision == "none" or self.strategy == "fsdp", "train.mixed_precision",
+                    self.mixed_precision, "needs train.strategy=fsdp (with ddp, load the model in bfloat16 "
+                    "with model.dtype=bfloat16 instead)")
         if pps_ok and mini_ok and cfg.rollout.n >= 2:  # rollout.n is reported by its own section otherwise
             self._check_batch_sizes(p, cfg, micro_ok)
 

@@ -213,6 +213,82 @@ def math_equal(gold: str, predicted: str) -> bool:
     return squash(gold) == squash(predicted)
 
 
+# Hedges: an answer that names several candidates, so that whichever is right pays. math-verify reads
+# many of them leniently (``3 \\lor 5``, ``3 = 5``, ``3 \\approx 5``, ``3 \\\\ 5`` and cases are read
+# as their last value), so they are refused before it sees them (status ``hedged``) unless the
+# ground truth itself is written that way.
+_HEDGE_TOKENS = (r"\\lor\b", r"\\vee\b", r"\\approx\b", r"\\sim\b", r"\\simeq\b", r"\\equiv\b",
+                 r"\\to\b", r"\\rightarrow\b", r"\\Rightarrow\b", r"\\implies\b", r"\\mid\b",
+                 r"\\colon\b", r"&", r"\\\\", r"\\begin\s*\{\s*(?:cases|array|aligned|gathered)",
+                 r"\bor\b", r"\\pm\b", r"\\mp\b", r"\\neq\b", r"\\ne\b")
+_HEDGE_RES = tuple(re.compile(t) for t in _HEDGE_TOKENS)
+_MATH_SEGMENT = re.compile(r"(?<!\\)\$(.+?)(?<!\\)\$|\\\((.+?)\\\)", re.DOTALL)
+
+
+def _all_boxed(text: str) -> list[str]:
+    """The contents of every ``\\boxed{...}`` / ``\\fbox{...}`` (balanced braces), in order."""
+    out, i = [], 0
+    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
+        if m.start() < i:
+            continue
+        depth, j = 1, m.end()
+        while j < len(text) and depth:
+            if text[j] == "\\" and j + 1 < len(text) and text[j + 1] in "{}":
+                j += 2
+                continue
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            j += 1
+        if depth == 0:
+            out.append(text[m.end():j - 1].strip())
+            i = j
+    return out
+
+
+def _split_top_level(text: str, sep: str) -> list[str]:
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        depth += {"{": 1, "(": 1, "[": 1, "}": -1, ")": -1, "]": -1}.get(ch, 0)
+        if ch == sep and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return [p.strip() for p in parts]
+
+
+def hedge_reason(pred: str, gold: str, scope: Optional[str] = None) -> Optional[str]:
+    """Why an extracted answer is a hedge (several candidate answers), or None.
+
+    * ``scope`` (the text the answer was taken from) holds ``\\boxed{}`` answers that differ;
+    * the answer holds math segments (``$...$``) that differ;
+    * it holds an alternative or a relation between candidates (``\\lor``, ``or``, ``\\approx``,
+      ``\\to``, ``\\pm``, ``\\\\``, ``&``, cases, ...) that the ground truth does not;
+    * it is a chain of equalities between constants that are not all equal (``3 = 5``), unless the
+      ground truth is an equation.
+    """
+    squash = functools.partial(re.sub, r"\s+", "")
+    listy = "," in gold or ";" in gold
+    if scope is not None and not listy and len({squash(b) for b in _all_boxed(scope)}) > 1:
+        return "several different \\boxed{} answers"
+    segments = {squash(a or b) for a, b in _MATH_SEGMENT.findall(pred)}
+    if not listy and len(segments) > 1:
+        return "several different math segments"
+    for rx, token in zip(_HEDGE_RES, _HEDGE_TOKENS):
+        if rx.search(pred) and not rx.search(gold):
+            return f"an alternative or relation between candidates ({token})"
+    if "=" not in gold and pred.count("=") >= 1:
+        constants = []
+        for part in _split_top_level(pred.replace("$", ""), "="):
+            parsed = _parse_math(part, _mv_timeout()) if part else []
+            value = next((p for p in parsed if not isinstance(p, str)), None)
+            if value is not None and not getattr(value, "free_symbols", {1}):
+                constants.append(part)
+        if any(not math_equal(constants[0], c) for c in constants[1:]):
+            return "an equation between different constants"
+    return None
+
+
 @register_reward("math", parallel=True)
 def math_reward(completion: str, sample: Any, *, extract: str = "auto", max_answer_chars: int = 1000) -> Scored:
     """1.0 when the completion's final answer equals ``sample.answer`` by math-verify, else 0.0.
@@ -222,9 +298,11 @@ def math_reward(completion: str, sample: Any, *, extract: str = "auto", max_answ
     :func:`extract_final_answer`). An extracted answer longer than ``max_answer_chars`` is not
     parsed (status ``too_long``): math-verify / sympy can take very long on adversarial input.
 
+    A hedged answer (several candidates, :func:`hedge_reason`) scores 0 without being compared.
+
     Statuses: ``ok`` (correct), ``wrong_answer``, ``no_answer`` (nothing extracted), ``too_long``,
-    ``timeout`` (math-verify gave up; score 0). Runs in the reward process pool (``parallel=True``)
-    so a hang is stopped by the pool's per-call timeout.
+    ``hedged``, ``timeout`` (math-verify gave up; score 0). Runs in the reward process pool
+    (``parallel=True``) so a hang is stopped by the pool's per-call timeout.
     """
     if max_answer_chars < 1:
         raise ValueError(f"math: max_answer_chars must be >= 1, got {max_answer_chars}")
@@ -236,7 +314,14 @@ def math_reward(completion: str, sample: Any, *, extract: str = "auto", max_answ
         return Scored(0.0, {"status": "no_answer"})
     if len(pred) > max_answer_chars:
         return Scored(0.0, {"status": "too_long", "extracted": _clip(pred)})
+    scope = None
+    if extract in ("auto", "boxed"):
+        tagged = extract_answer(completion, "answer_tag") if extract == "auto" else None
+        scope = tagged if tagged is not None else completion
     try:
+        reason = hedge_reason(pred, gold, scope)
+        if reason is not None:
+            return Scored(0.0, {"status": "hedged", "extracted": _clip(pred), "reason": reason})
         ok = math_equal(gold, pred)
     except TimeoutError:
         return Scored(0.0, {"status": "timeout", "extracted": _clip(pred)})
@@ -261,6 +346,9 @@ def _tag_markers(tags: Sequence[str]) -> list[str]:
     return markers
 
 
+_DEGENERATE = re.compile(r"[\W_]*", re.DOTALL)  # a block without one letter or digit
+
+
 @functools.lru_cache(maxsize=256)
 def structure_pattern(tags: tuple[str, ...] = DEFAULT_FORMAT_TAGS) -> re.Pattern:
     """The regex of the whole-completion structure ``<t1>...</t1><t2>...</t2>...``: optional
@@ -268,7 +356,7 @@ def structure_pattern(tags: tuple[str, ...] = DEFAULT_FORMAT_TAGS) -> re.Pattern
     ``<answer>`` or a stray ``</think>`` inside a block breaks the match)."""
     markers = _tag_markers(tags)
     any_marker = "|".join(re.escape(m) for m in markers)
-    body = rf"(?:(?!{any_marker}).)*"
+    body = rf"((?:(?!{any_marker}).)*)"
     blocks = r"\s*".join(rf"{re.escape(f'<{t}>')}{body}{re.escape(f'</{t}>')}" for t in tags)
     return re.compile(rf"\s*{blocks}\s*", re.DOTALL)
 
@@ -298,7 +386,7 @@ def format_partial_credit(text: str, tags: Sequence[str] = DEFAULT_FORMAT_TAGS) 
 @register_reward("format")
 def format_reward(completion: str, sample: Any, *, tags: Sequence[str] = DEFAULT_FORMAT_TAGS,
                   pattern: Optional[str] = None, match: str = "fullmatch", partial: bool = False,
-                  partial_max: float = 0.5, prefix: str = "") -> Scored:
+                  partial_max: float = 0.5, prefix: str = "", require_content: bool = True) -> Scored:
     """1.0 when the completion has the required structure, else 0.0 (or partial credit).
 
     The structure is ``pattern`` (a regex, compiled with ``re.DOTALL``; ``match`` = ``fullmatch``
@@ -311,7 +399,12 @@ def format_reward(completion: str, sample: Any, *, tags: Sequence[str] = DEFAULT
     ``partial_max * format_partial_credit(text, tags)`` (fraction of the tag markers present once
     each, in order), so never more than ``partial_max`` (< 1, the full match).
 
-    Statuses: ``ok`` (matches), ``partial`` (some markers, partial credit on), ``wrong_format``.
+    ``require_content`` (default on, the tag structure only): every block must hold a letter or a
+    digit; ``<think></think><answer> </answer>`` and blocks of punctuation are degenerate structures
+    that satisfy the pattern without content and score 0 (status ``empty_block``, no partial credit).
+
+    Statuses: ``ok`` (matches), ``partial`` (some markers, partial credit on), ``empty_block``,
+    ``wrong_format``.
     """
     if match not in ("fullmatch", "search"):
         raise ValueError(f"format: match={match!r}; valid: 'fullmatch', 'search'")
@@ -327,8 +420,10 @@ def format_reward(completion: str, sample: Any, *, tags: Sequence[str] = DEFAULT
     else:
         rx = structure_pattern(tags)
         match = "fullmatch"
-    ok = (rx.fullmatch(text) if match == "fullmatch" else rx.search(text)) is not None
-    if ok:
+    m = rx.fullmatch(text) if match == "fullmatch" else rx.search(text)
+    if m is not None:
+        if pattern is None and require_content and any(_DEGENERATE.fullmatch(b) for b in m.groups()):
+            return Scored(0.0, {"status": "empty_block"})
         return Scored(1.0, {"status": "ok"})
     if partial:
         frac = format_partial_credit(text, tags)

@@ -5,6 +5,14 @@ Layout of ``RUN_DIR/checkpoints/step_000006/``::
     config.json, model.safetensors, tokenizer files   (plain ``from_pretrained``)
     trainer_state.pt   {"format": 2, "kind", "run_state", "optimizer", "scheduler", "rng", "job"}
                        (see :func:`upgrade_state` for the shapes written by earlier versions)
+    sharded/           train.strategy=fsdp only: torch.distributed.checkpoint (DCP) of the sharded model and
+                       optimizer state (and the PPO critic's), one file per rank; ``optimizer`` above is None
+
+A run of several ranks (docs/scaling.md) writes the same directory: rank 0 the model (gathered), tokenizer
+and trainer state (with every rank's RNG in ``rng_ranks``), every rank its shards, and rank 0 renames the
+directory into place once all have written (:func:`save_checkpoint_distributed`). DCP reshards on load, so a
+checkpoint of N ranks resumes with any number of ranks and in one process (:func:`load_sharded`).
+
 
 A checkpoint is written to ``.tmp-step_000006`` and renamed into place, so a
 crash while writing never leaves a directory named ``step_*`` that is
@@ -24,6 +32,7 @@ import torch
 from postrl.run.files import replace_dir_atomically
 
 STATE_FILE = "trainer_state.pt"
+SHARDED_DIR = "sharded"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -107,3 +116,64 @@ def publish_final(ckpt_dir: Path, run_dir: Path) -> Path:
                 shutil.copy2(f, tmp / f.name)
 
     return replace_dir_atomically(run_dir / "final", write)
+
+
+def _dcp_states(sharded: dict[str, tuple[Any, Any]]) -> dict[str, dict[str, Any]]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    out = {}
+    for name, (module, optimizer) in sharded.items():
+        model_sd, optim_sd = get_state_dict(module, optimizer)
+        out[name] = {"model": model_sd, "optim": optim_sd}
+    return out
+
+
+def save_checkpoint_distributed(dist: Any, ckpt_root: Path, step: int, model, tokenizer, trainer_state: dict,
+                                keep: int = 0, sharded: dict[str, tuple[Any, Any]] | None = None) -> Path:
+    """:func:`save_checkpoint` for a run of several ranks; every rank calls it (``dist``: the
+    :class:`postrl.run.distributed.Dist`). ``sharded`` (FSDP): ``{name: (module, optimizer)}`` written with
+    ``torch.distributed.checkpoint`` into ``sharded/``, each rank its shards; the model is also gathered for
+    rank 0's Hugging Face files. Without ``sharded`` (DDP: every rank holds the same state), rank 0 writes what
+    one process writes. The directory appears whole or not at all."""
+    import torch.distributed.checkpoint as dcp
+
+    full = dist.full_state_dict(model)  # a collective under FSDP
+    states = _dcp_states(sharded) if sharded else None
+    target = ckpt_root / f"step_{step:06d}"
+
+    def write(tmp: Path) -> None:  # rank 0, in a hidden directory that is renamed when every rank has written
+        dist.broadcast(str(tmp))
+        if states is not None:
+            dcp.save(states, checkpoint_id=str(tmp / SHARDED_DIR))
+        model.save_pretrained(tmp, state_dict=full, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save(trainer_state, tmp / STATE_FILE)
+        dist.barrier()
+
+    if dist.is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        final = replace_dir_atomically(target, write)
+        if keep > 0:
+            for old in list_checkpoints(ckpt_root)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp = Path(dist.broadcast(None))
+        if states is not None:
+            dcp.save(states, checkpoint_id=str(tmp / SHARDED_DIR))
+        dist.barrier()
+        final = target
+    dist.barrier()  # renamed: every rank sees the checkpoint
+    return final
+
+
+def load_sharded(ckpt_dir: Path, sharded: dict[str, tuple[Any, Any]]) -> None:
+    """Load ``ckpt_dir/sharded`` into ``{name: (module, optimizer)}`` in place: FSDP modules of any number of
+    ranks, or plain modules (one process, DDP). Every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    states = _dcp_states(sharded)
+    dcp.load(states, checkpoint_id=str(ckpt_dir / SHARDED_DIR))
+    for name, (module, optimizer) in sharded.items():
+        set_state_dict(module, optimizer, model_state_dict=states[name]["model"],
+                       optim_state_dict=states[name]["optim"])

@@ -15,6 +15,11 @@ every command::
         Ctrl-C: checkpoint, results, "resume with" and stop
     eval after; checkpoint; RUN/final (the model for from_pretrained); results.json
 
+Under ``torchrun`` (docs/scaling.md) every rank runs this loop in lock step: rank 0 alone writes the run
+directory (config, env.json, metrics, samples, results, trackers, final/), every rank writes its part of each
+checkpoint, and a Ctrl-C on any rank stops every rank at the same step boundary.
+
+
 Every file is written atomically (checkpoints renamed into place, JSON through one writer), so a crash while
 writing never loses what was written before.
 """
@@ -30,7 +35,17 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from postrl.run.checkpoint import STATE_FORMAT, load_trainer_state, publish_final, save_checkpoint, upgrade_state
+from postrl.run import distributed
+from postrl.run.checkpoint import (
+    SHARDED_DIR,
+    STATE_FORMAT,
+    load_sharded,
+    load_trainer_state,
+    publish_final,
+    save_checkpoint,
+    save_checkpoint_distributed,
+    upgrade_state,
+)
 from postrl.run.dirs import new_run_dir, resume_checkpoint
 from postrl.run.errors import TrainingError
 from postrl.run.files import append_jsonl, truncate_log, write_json_atomic
@@ -117,6 +132,12 @@ class Job:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def sharded_modules(self) -> dict[str, tuple[Any, Any]]:
+        """``{name: (module, optimizer)}`` beside ``model`` / ``optimizer`` whose state is sharded under
+        ``train.strategy: fsdp`` (checkpointed with torch.distributed.checkpoint, not in ``state_dict``)."""
+        return {}
+
+
     def close(self) -> None:
         """Release processes and clients (reward workers, judges)."""
 
@@ -127,13 +148,17 @@ class Run:
     def __init__(self, cfg: Any, job: Job, run_dir: Path, state: RunState):
         self.cfg, self.job, self.run_dir, self.state = cfg, job, run_dir, state
         self.progress: Optional[Progress] = None
+        self.dist = distributed.current()  # None: one process
+        self.main = self.dist is None or self.dist.is_main  # the rank that writes the run directory
 
     @property
     def results(self) -> dict[str, Any]:
         return self.state.results
 
     def write(self, text: str) -> None:
-        """A line on the console that does not break the progress bar."""
+        """A line on the console that does not break the progress bar (rank 0's only)."""
+        if not self.main:
+            return
         if self.progress is not None:
             self.progress.write(text)
         else:
@@ -141,18 +166,34 @@ class Run:
 
     def log_samples(self, record: dict[str, Any]) -> None:
         """One ``samples.jsonl`` line (best and worst completions, for reports)."""
-        append_jsonl(self.run_dir / SAMPLES_FILE, record)
+        if self.main:
+            append_jsonl(self.run_dir / SAMPLES_FILE, record)
 
     def write_results(self) -> None:
-        write_json_atomic(self.run_dir / RESULTS_FILE, self.state.results)
+        if self.main:
+            write_json_atomic(self.run_dir / RESULTS_FILE, self.state.results)
 
     def save(self) -> Path:
         job, s = self.job, self.state
+        if self.dist is not None:
+            return self._save_distributed()
         state = {"format": STATE_FORMAT, "kind": job.command, "run_state": dataclasses.asdict(s),
                  "optimizer": job.optimizer.state_dict(), "scheduler": job.scheduler.state_dict(),
                  "rng": rng_state(), "job": job.state_dict()}
         return save_checkpoint(self.run_dir / "checkpoints", s.step, job.model, job.tokenizer, state,
                                keep=self.cfg.train.keep_checkpoints)
+
+    def _save_distributed(self) -> Path:
+        """Every rank: rank 0's trainer state with every rank's RNG; FSDP's sharded state through DCP."""
+        job, s, d = self.job, self.state, self.dist
+        sharded = {"policy": (job.model, job.optimizer), **job.sharded_modules()} if d.strategy == "fsdp" else None
+        rngs = d.gather_objects(rng_state())
+        state = {"format": STATE_FORMAT, "kind": job.command, "run_state": dataclasses.asdict(s),
+                 "optimizer": None if sharded else job.optimizer.state_dict(),
+                 "scheduler": job.scheduler.state_dict(), "rng": rngs[0], "rng_ranks": rngs,
+                 "world_size": d.world_size, "strategy": d.strategy, "job": job.state_dict()}
+        return save_checkpoint_distributed(d, self.run_dir / "checkpoints", s.step, job.model, job.tokenizer, state,
+                                           keep=self.cfg.train.keep_checkpoints, sharded=sharded)
 
     def _eval(self, when: str) -> dict[str, Any]:
         ev = self.job.evaluate()
@@ -172,7 +213,7 @@ class Run:
             res["eval_before"] = self._eval("before training")
             self.write_results()
         every, interrupted = cfg.eval.every, False
-        self.progress = Progress(total=job.total_steps, initial=s.step, enabled=cfg.run.progress,
+        self.progress = Progress(total=job.total_steps, initial=s.step, enabled=cfg.run.progress and self.main,
                                  fields=job.progress_fields)
         with InterruptFlag() as stop, self.progress:
             while not job.finished(s.step):
@@ -188,7 +229,8 @@ class Run:
                     ev = self._eval(f"step {s.step}")  # logged with the step's metrics, and in results.json
                     record.update(job.eval_metrics(ev))
                     res.setdefault("eval_during", []).append({"step": s.step, **ev})
-                append_jsonl(self.run_dir / METRICS_FILE, record)
+                if self.main:
+                    append_jsonl(self.run_dir / METRICS_FILE, record)
                 for tracker in trackers:
                     tracker.log(record, s.step)
                 self.progress.update(record)
@@ -197,7 +239,7 @@ class Run:
                 s.wall_time_s = wall_before + time.time() - t_start
                 if cfg.train.save_every and s.step % cfg.train.save_every == 0:
                     self.save()
-                if stop.requested:
+                if stop.requested if self.dist is None else self.dist.any(stop.requested):  # every rank stops here
                     interrupted = True
                     break
         self.progress = None
@@ -212,7 +254,12 @@ class Run:
             res["eval_after"] = self._eval("after training")
         s.wall_time_s = wall_before + time.time() - t_start
         res.update(steps=s.step, wall_time_s=s.wall_time_s, nonfinite_steps=s.nonfinite_total)
-        res["final_model"] = str(publish_final(self.save(), self.run_dir))
+        ckpt = self.save()
+        if self.main:
+            publish_final(ckpt, self.run_dir)
+        res["final_model"] = str(self.run_dir / "final")
+        if self.dist is not None:
+            self.dist.barrier()  # final/ is in place for every rank
         self.write_results()
         return res
 
@@ -222,10 +269,18 @@ def _restore(job: Job, ckpt: Path, run_dir: Path) -> RunState:
     try:
         st = upgrade_state(load_trainer_state(ckpt))
         state = RunState(**st["run_state"])
-        job.optimizer.load_state_dict(st["optimizer"])
+        d = distributed.current()
+        if (ckpt / SHARDED_DIR).is_dir():  # FSDP's optimizer (and critic) state, resharded to this job's ranks
+            load_sharded(ckpt, {"policy": (job.model, job.optimizer), **job.sharded_modules()})
+        elif d is not None and d.strategy == "fsdp":
+            raise TrainingError(f"{ckpt} holds the full optimizer state of a run with train.strategy="
+                                f"{st.get('strategy', 'none')}; resume it with that strategy (or ddp), not fsdp")
+        else:
+            job.optimizer.load_state_dict(st["optimizer"])
         job.scheduler.load_state_dict(st["scheduler"])
         job.load_state_dict(st["job"])
-        set_rng_state(st["rng"])
+        rngs = st.get("rng_ranks") or [st["rng"]]  # a rank beyond the saved ones continues with rank 0's
+        set_rng_state(rngs[d.rank] if d is not None and d.rank < len(rngs) else rngs[0])
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         # e.g. resuming with other data (sampler size) or another model (optimizer param groups)
         raise TrainingError(
@@ -245,9 +300,7 @@ def run_job(build: Callable[[Any, Optional[Path]], Job], cfg: Any, resume: str |
     The job is built (model, data: the slow and error-prone part) before the run directory of a new run is
     created, so a config, data or model error leaves nothing behind.
     """
-    from postrl.config import save_config, to_dict
-    from postrl.eval.report import write_environment
-    from postrl.run.trackers import build_trackers, check_trackers
+    from postrl.run.trackers import check_trackers
 
     report_to = list(cfg.run.report_to)
     check_trackers(report_to)
@@ -256,20 +309,41 @@ def run_job(build: Callable[[Any, Optional[Path]], Job], cfg: Any, resume: str |
         run_dir, ckpt = resume_checkpoint(resume)
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
-    seed_everything(cfg.run.seed)
+    dist = distributed.init_distributed(cfg)  # None in one process; under torchrun: join the ranks
+    try:
+        return _run_job(build, cfg, report_to, ckpt, run_dir, dist)
+    finally:
+        distributed.shutdown()
+
+
+def _run_job(build: Callable[[Any, Optional[Path]], Job], cfg: Any, report_to: list[str], ckpt: Optional[Path],
+             run_dir: Any, dist: Optional["distributed.Dist"]) -> tuple[Path, dict[str, Any]]:
+    """:func:`run_job` once the process knows its place (``dist``: its rank, or None in one process)."""
+    from postrl.config import save_config, to_dict
+    from postrl.eval.report import write_environment
+    from postrl.run.trackers import build_trackers
+
+    main = dist is None or dist.is_main
+    seed_everything(cfg.run.seed)  # the same on every rank: identical models (e.g. a fresh value head)
     job = build(cfg, ckpt)
+    if dist is not None:
+        seed_everything(distributed.rank_seed(cfg.run.seed, dist.rank))  # each rank its own random streams
     try:
         if ckpt is not None:
             state = _restore(job, ckpt, run_dir)
         else:
             state = RunState()
-            run_dir = new_run_dir(cfg.run.output_dir, cfg.run.name, run_dir)
-        for name in (METRICS_FILE, SAMPLES_FILE):
-            truncate_log(run_dir / name, state.step)
-        save_config(cfg, run_dir / "config.yaml")
-        write_environment(run_dir, cfg, job.model, job.model_source, state.step)  # env.json, for reports
+            if main:
+                run_dir = new_run_dir(cfg.run.output_dir, cfg.run.name, run_dir)
+            if dist is not None:  # rank 0 chose (and made) the directory
+                run_dir = Path(dist.broadcast(str(run_dir) if main else None))
+        if main:
+            for name in (METRICS_FILE, SAMPLES_FILE):
+                truncate_log(run_dir / name, state.step)
+            save_config(cfg, run_dir / "config.yaml")
+            write_environment(run_dir, cfg, job.model, job.model_source, state.step)  # env.json, for reports
         trackers = build_trackers(report_to, run_dir, run_dir.name, to_dict(cfg),
-                                  resume_step=state.step if ckpt is not None else None)
+                                  resume_step=state.step if ckpt is not None else None) if main else []
         try:
             return run_dir, Run(cfg, job, run_dir, state).fit(trackers)
         finally:

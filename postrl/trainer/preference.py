@@ -63,7 +63,7 @@ from postrl.data.pairs import (
 )
 from postrl.models.loading import load_from_config
 from postrl.models.logprobs import completion_logprobs
-from postrl.run import Job, StepOutput, TrainingError, run_job
+from postrl.run import Job, StepOutput, TrainingError, distributed, run_job
 from postrl.run.batching import epoch_batches, right_pad
 from postrl.run.optim import build_optimizer, clipped_step
 from postrl.run.progress import PAIR_FIELDS
@@ -126,6 +126,12 @@ class PreferenceTrainer(Job):
             self.eval_kl_completions = (self._mismatched(self.data.eval) if self.unpaired and self.data.eval
                                         and isinstance(self.data.eval[0], TokenizedExample) else None)
 
+        self.dist = distributed.current()  # None: one process; else each rank trains on its share of a batch
+        if self.dist is not None and pf.online and self.needs_ref and pf.online_reference == "initial":
+            checkpoint_ref = True  # the initial reference is loaded (a sharded model is not deep-copied)
+        else:
+            checkpoint_ref = checkpoint is not None
+        self.train_model = self.model if self.dist is None else self.dist.prepare(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.total_steps = self._planned_steps()
         self.optimizer, self.scheduler = build_optimizer(self.params, cfg.train, self.total_steps)
@@ -137,9 +143,13 @@ class PreferenceTrainer(Job):
             self.rewards = RewardPipeline(cfg.rewards, self.source, cfg.scoring, RewardContext(
                 source=self.source, tokenizer=self.tokenizer, device=self.device))
             self.backend = build_backend(cfg.rollout.backend, self.model, self.tokenizer)
+            if self.dist is not None and self.dist.strategy == "fsdp":  # generation on the gathered weights
+                self.backend = distributed.UnshardedBackend(self.backend, self.model, self.dist)
             if self.needs_ref and pf.online_reference == "initial":
-                self.ref_model = copy.deepcopy(self.model) if checkpoint is None else load_from_config(cfg.model)[0]
+                self.ref_model = copy.deepcopy(self.model) if not checkpoint_ref else load_from_config(cfg.model)[0]
                 self.ref_model.eval().requires_grad_(False)
+                if self.dist is not None:
+                    self.dist.prepare(self.ref_model, trainable=False)
         # online rounds: the round being trained, the step it started at, its pairs and reference log-probs
         self.round, self.round_start_step, self.round_data = 0, 0, None
         self.ref: dict[str, dict[str, torch.Tensor]] | None = None
@@ -205,9 +215,10 @@ class PreferenceTrainer(Job):
         t0 = time.time()
         cache = {"fingerprint": fp, "train": self._ref_for(self.model, self.data.train, self.kl_completions),
                  "eval": self._ref_for(self.model, self.data.eval, self.eval_kl_completions)}
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(cache, tmp)
-        os.replace(tmp, path)
+        if self.dist is None or self.dist.is_main:  # every rank computed the same numbers; rank 0 writes them
+            tmp = path.with_name(f".{path.name}.tmp")
+            torch.save(cache, tmp)
+            os.replace(tmp, path)
         log.info("reference log-probs of %d + %d items in %.1fs", len(self.data.train), len(self.data.eval),
                  time.time() - t0)
         self.run.results["ref_logps_time_s"] = time.time() - t0
@@ -215,27 +226,30 @@ class PreferenceTrainer(Job):
 
     # ----- one batch -----------------------------------------------------------------------------------------
     def batch_loss(self, items: list, ref: dict[str, torch.Tensor] | None, idx: list[int],
-                   kl_completions: list[list[int]] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per-item losses ``[b]`` and stats of the items ``idx`` under the current policy (differentiable)."""
+                   kl_completions: list[list[int]] | None = None, model: Any = None
+                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-item losses ``[b]`` and stats of the items ``idx`` under the current policy (differentiable;
+        ``model``: the module the forward goes through, default the policy)."""
         a = self.cfg.preference
         if not self.unpaired:
-            return self.loss_fn(self.pair_logps(items, ref, idx), a)
+            return self.loss_fn(self.pair_logps(items, ref, idx, model), a)
         chunk = [items[i] for i in idx]
         prompts = [x.prompt_ids for x in chunk]
         sel = torch.as_tensor(idx, dtype=torch.long)
-        lp, _ = sequence_logps(self.model, prompts, [x.completion_ids for x in chunk], self.pad)
+        lp, _ = sequence_logps(model or self.model, prompts, [x.completion_ids for x in chunk], self.pad)
         with torch.no_grad():
             kl_lp, _ = sequence_logps(self.model, prompts, [kl_completions[i] for i in idx], self.pad)
         desirable = torch.tensor([x.desirable for x in chunk], device=lp.device)
         inp = UnpairedLogps(lp, ref["logps"][sel].to(lp), desirable, kl_lp, ref["kl"][sel].to(lp))
         return self.loss_fn(inp, a)
 
-    def pair_logps(self, items: list, ref: dict[str, torch.Tensor] | None, idx: list[int]) -> PairLogps:
+    def pair_logps(self, items: list, ref: dict[str, torch.Tensor] | None, idx: list[int],
+                   model: Any = None) -> PairLogps:
         """Summed log-probs of the chosen and rejected completions of pairs ``idx`` under the current policy
         (one forward over both), with their cached reference log-probs when there is a reference."""
         chunk = [items[i] for i in idx]
         prompts = [x.prompt_ids for x in chunk]
-        lp, lens = sequence_logps(self.model, prompts + prompts,
+        lp, lens = sequence_logps(model or self.model, prompts + prompts,
                                   [x.chosen_ids for x in chunk] + [x.rejected_ids for x in chunk], self.pad)
         b = len(chunk)
         inp = PairLogps(lp[:b], lp[b:], lens[:b], lens[b:])
@@ -252,17 +266,33 @@ class PreferenceTrainer(Job):
         self.optimizer.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         finite = True
-        for s in range(0, len(batch), micro):
-            idx = batch[s:s + micro]
-            losses, stats = self.batch_loss(items, ref, idx, kl_completions)
+        chunks = [batch[s:s + micro] for s in range(0, len(batch), micro)]
+        if self.dist is not None:  # this rank's share of the batch (the loss still divides by the whole batch)
+            mine = self.dist.share(batch)
+            chunks = self.dist.pad_chunks([mine[s:s + micro] for s in range(0, len(mine), micro)])
+        for n_pass, idx in enumerate(chunks):
+            if self.dist is not None:
+                self.dist.set_grad_sync(self.train_model, last=n_pass == len(chunks) - 1)
+            weight = 0.0 if idx is None else 1.0  # None: a zero-weight pass
+            losses, stats = self.batch_loss(items, ref, idx if idx is not None else batch[:1], kl_completions,
+                                            self.train_model)
             loss = losses.sum() / len(batch)
+            if idx is None:
+                loss = loss * 0.0
             if not torch.isfinite(loss):
                 finite = False
-                break
-            loss.backward()
+                if self.dist is None:
+                    break
+            if self.dist is None:
+                loss.backward()
+            else:
+                self.dist.backward(loss)
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
             for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + float(v.float().sum())
+                sums[k] = sums.get(k, 0.0) + weight * float(v.float().sum())
+        if self.dist is not None:  # every rank steps or none; each sum is the ranks' parts added up
+            finite = self.dist.all_true(finite)
+            sums = dict(zip(sums, self.dist.sums(list(sums.values()))))
         lr = self.scheduler.get_last_lr()[0]
         gnorm, ok = clipped_step(self.params, self.optimizer, cfg.train.grad_clip, finite)
         self.optimizer.zero_grad(set_to_none=True)

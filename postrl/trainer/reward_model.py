@@ -32,7 +32,7 @@ from postrl.config import Config, ConfigError, check_command
 from postrl.data import build_data_source
 from postrl.data.pairs import TokenizedPair, load_preference_data
 from postrl.models.loading import ModelLoadError, resolve_device, resolve_dtype
-from postrl.run import Job, StepOutput, run_job
+from postrl.run import Job, StepOutput, distributed, run_job
 from postrl.run.batching import epoch_batches, right_pad
 from postrl.run.optim import build_optimizer, clipped_step
 from postrl.run.progress import PAIR_FIELDS
@@ -78,17 +78,20 @@ class RewardModelTrainer(Job):
         self.data = load_preference_data(cfg, self.tokenizer, source)
         if not isinstance(self.data.train[0], TokenizedPair):
             raise ConfigError("postrl rm needs chosen/rejected pairs; the data is unpaired (prompt/completion/label)")
+        self.dist = distributed.current()  # None: one process; else each rank scores its share of a batch
+        self.train_model = self.model if self.dist is None else self.dist.prepare(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.per_epoch = math.ceil(len(self.data.train) / pf.batch_size)
         self.total_steps = pf.epochs * self.per_epoch
         self.optimizer, self.scheduler = build_optimizer(self.params, cfg.train, self.total_steps)
 
-    def scores(self, idx: list[int], items: list[TokenizedPair]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def scores(self, idx: list[int], items: list[TokenizedPair], model: Any = None
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(r_chosen, r_rejected, margin)`` of the pairs ``idx``, each ``[b]``."""
         chunk = [items[i] for i in idx]
         seqs = [x.prompt_ids + x.chosen_ids for x in chunk] + [x.prompt_ids + x.rejected_ids for x in chunk]
         ids, mask = right_pad(seqs, self.pad, next(self.model.parameters()).device)
-        r = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 0].float()
+        r = (model or self.model)(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, 0].float()
         margin = torch.tensor([x.margin for x in chunk], dtype=r.dtype, device=r.device)
         return r[:len(chunk)], r[len(chunk):], margin
 
@@ -125,17 +128,33 @@ class RewardModelTrainer(Job):
         self.optimizer.zero_grad(set_to_none=True)
         sums = {"loss": 0.0, "accuracy": 0.0, "margins": 0.0}
         finite = True
-        for s in range(0, len(batch), micro):
-            rc, rr, mg = self.scores(batch[s:s + micro], self.data.train)
+        chunks = [batch[s:s + micro] for s in range(0, len(batch), micro)]
+        if self.dist is not None:  # this rank's share of the pairs (the loss still divides by the whole batch)
+            mine = self.dist.share(batch)
+            chunks = self.dist.pad_chunks([mine[s:s + micro] for s in range(0, len(mine), micro)])
+        for k, chunk in enumerate(chunks):
+            if self.dist is not None:
+                self.dist.set_grad_sync(self.train_model, last=k == len(chunks) - 1)
+            weight = 0.0 if chunk is None else 1.0  # None: a zero-weight pass
+            rc, rr, mg = self.scores(chunk if chunk is not None else batch[:1], self.data.train, self.train_model)
             losses, st = bradley_terry_loss(rc, rr, mg if pf.use_margin else None)
             loss = losses.sum() / len(batch)
+            if chunk is None:
+                loss = loss * 0.0
             if not torch.isfinite(loss):
                 finite = False
-                break
-            loss.backward()
+                if self.dist is None:
+                    break
+            if self.dist is None:
+                loss.backward()
+            else:
+                self.dist.backward(loss)
             sums["loss"] += float(loss.detach())
-            sums["accuracy"] += float(st["accuracy"].sum()) / len(batch)
-            sums["margins"] += float(st["margins"].sum()) / len(batch)
+            sums["accuracy"] += weight * float(st["accuracy"].sum()) / len(batch)
+            sums["margins"] += weight * float(st["margins"].sum()) / len(batch)
+        if self.dist is not None:  # every rank steps or none; each sum is the ranks' parts added up
+            finite = self.dist.all_true(finite)
+            sums = dict(zip(sums, self.dist.sums(list(sums.values()))))
         lr = self.scheduler.get_last_lr()[0]
         gnorm, ok = clipped_step(self.params, self.optimizer, cfg.train.grad_clip, finite)
         self.optimizer.zero_grad(set_to_none=True)

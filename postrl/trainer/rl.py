@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,7 @@ from postrl.rollout.backend import build_backend
 from postrl.rollout.batch import RolloutBatch
 from postrl.rollout.generator import Generation, SamplingParams
 from postrl.run import Job, StepOutput, TrainingError, run_job
+from postrl.run import distributed
 from postrl.run.optim import build_optimizer, clipped_step
 from postrl.run.rng import step_seed
 
@@ -92,6 +95,15 @@ class RLTrainer(Job):
             self.ref_model = copy.deepcopy(self.model) if checkpoint is None else load_from_config(cfg.model)[0]
             self.ref_model.eval().requires_grad_(False)
         self.backend = build_backend(cfg.rollout.backend, self.model, self.tokenizer)
+        self.dist = distributed.current()  # None: one process (train.strategy=none), today's path
+        self.train_model = self.model  # the module training forwards go through (a DDP wrapper under ddp)
+        if self.dist is not None:  # data parallel (docs/scaling.md): this rank's prompts, wrapped models
+            self.my_prompts, self.layout = self._distribute(cfg)
+            self.train_model = self.dist.prepare(self.model)
+            if self.ref_model is not None:
+                self.dist.prepare(self.ref_model, trainable=False)
+            if self.dist.strategy == "fsdp":
+                self.backend = distributed.UnshardedBackend(self.backend, self.model, self.dist)
 
         self.advantage_fn = ADVANTAGES.get_fn(cfg.algo.advantage)
         self.requires = tuple(getattr(self.advantage_fn, "requires", ()))  # the estimator's extra inputs
@@ -105,6 +117,7 @@ class RLTrainer(Job):
         self.critic, self.critic_optimizer = None, None
         if "values" in self.requires:  # e.g. PPO's GAE: a learned value model
             self.critic = ValueModel(load_from_config(cfg.model, cfg.critic.name_or_path)[0])
+            self.critic_train = self.critic if self.dist is None else self.dist.prepare(self.critic)
             t = cfg.train
             self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic.lr,
                                                       betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
@@ -139,7 +152,7 @@ class RLTrainer(Job):
             "sampler": self.sampler.state_dict(),
             "kl_controller": self.kl_ctl.state_dict(),
             **({"critic": self.critic.state_dict(), "critic_optimizer": self.critic_optimizer.state_dict()}
-               if self.critic is not None else {}),
+               if self.critic is not None and not self._sharded else {}),
             "algo_state": self.algo_state,
         }
 
@@ -148,9 +161,30 @@ class RLTrainer(Job):
         if "kl_controller" in state:  # absent in checkpoints written before the algorithm library
             self.kl_ctl.load_state_dict(state["kl_controller"])
         self.algo_state = state.get("algo_state", {})
-        if self.critic is not None:
+        if self.critic is not None and "critic" in state:  # else: restored from the sharded checkpoint
             self.critic.load_state_dict(state["critic"])
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+
+    @property
+    def _sharded(self) -> bool:
+        return self.dist is not None and self.dist.strategy == "fsdp"
+
+    def sharded_modules(self) -> dict[str, tuple[Any, Any]]:
+        """FSDP: the PPO critic and its optimizer are checkpointed sharded too, beside the policy."""
+        return {"critic": (self.critic, self.critic_optimizer)} if self.critic is not None else {}
+
+    def _distribute(self, cfg: Config) -> tuple[list[int], distributed.RowLayout]:
+        """This rank's prompts of each step and the row layout (whole groups per rank; docs/scaling.md)."""
+        from postrl.config import ConfigError
+
+        d, P = self.dist, cfg.train.prompts_per_step
+        if P % d.world_size:
+            raise ConfigError(f"train.prompts_per_step={P} must be divisible by the {d.world_size} ranks: each rank "
+                              f"samples whole groups of rollout.n completions")
+        if cfg.algo.dynamic_sampling:
+            raise ConfigError("algo.dynamic_sampling draws a different number of batches on each rank; it runs in "
+                              "one process only (train.strategy=none) for now")
+        return distributed.rl_layout(P, cfg.rollout.n, cfg.resolved_mini_batch_size, d.world_size, d.rank)
 
     def close(self) -> None:
         self.rewards.close()  # reward worker processes, judge clients
@@ -229,6 +263,10 @@ class RLTrainer(Job):
         """
         cfg, n, want = self.cfg, self.cfg.rollout.n, self.cfg.train.prompts_per_step
         base_seed = step_seed(cfg.run.seed, step)
+        if self.dist is not None:  # every rank draws the step's prompts (same sampler state) and samples its own
+            base_seed = distributed.rank_seed(base_seed, self.dist.rank)
+            prompts = self.sampler.next_batch(want)
+            return self._sample_groups([prompts[i] for i in self.my_prompts], base_seed, step)
         if not cfg.algo.dynamic_sampling:
             return self._sample_groups(self.sampler.next_batch(want), base_seed, step)
         kept: list[RolloutBatch] = []
@@ -295,7 +333,9 @@ class RLTrainer(Job):
                 values = torch.cat([torch.nn.functional.pad(
                     self.critic(prompts[i:i + micro], ids[i:i + micro], mask[i:i + micro], pad),
                     (0, ids.shape[1] - ids[i:i + micro].shape[1])) for i in range(0, B, micro)])
-        adv = self.advantage_fn(
+        advantage_fn = self.advantage_fn if self.dist is None else partial(
+            self.dist.global_advantages, self.advantage_fn, self.layout)  # batch statistics over every rank
+        adv = advantage_fn(
             rewards, loss_mask, cfg.rollout.n, a, token_rewards=token_rewards, state=self.algo_state,
             baseline_rewards=torch.tensor(base, dtype=torch.float32) if base is not None else None,
             values=values,
@@ -331,11 +371,20 @@ class RLTrainer(Job):
             finite = True
             if self.sort_micro_batches:  # similar lengths share a micro batch: less padding, same gradient sum
                 mb = mb[length_sorted_order(seq_lens[mb])]
-            for mstart in range(0, len(mb), micro):
-                idx = mb[mstart:mstart + micro]
+            chunks = [mb[s:s + micro] for s in range(0, len(mb), micro)]
+            if self.dist is not None:  # as many passes on every rank (None: a zero-weight pass on row 0)
+                chunks = self.dist.pad_chunks(chunks)
+            for k, idx in enumerate(chunks):
+                padding = idx is None
+                if padding:
+                    idx = torch.zeros(1, dtype=torch.long)
                 width = max(1, int(mask[idx].sum(-1).max()))
                 m_ids, m_mask = ids[idx, :width], loss_mask[idx, :width]
-                lp, ent = completion_logprobs(self.model, [prompts[i] for i in idx], m_ids, mask[idx, :width],
+                if padding:
+                    m_mask = torch.zeros_like(m_mask)
+                if self.dist is not None:  # gradients synchronised in the last pass of the update
+                    self.dist.set_grad_sync(self.train_model, last=k == len(chunks) - 1)
+                lp, ent = completion_logprobs(self.train_model, [prompts[i] for i in idx], m_ids, mask[idx, :width],
                                               pad, temp, with_entropy=a.entropy_coef > 0, entropy_grad=True)
                 loss_tok, stats = self.policy_loss_fn(lp, old_lp[idx, :width], adv[idx, :width], m_mask, a)
                 if tis_w is not None:
@@ -350,14 +399,20 @@ class RLTrainer(Job):
                 loss = self.agg_fn(loss_tok, m_mask, **norms)
                 if not torch.isfinite(loss):
                     finite = False
-                    break
-                loss.backward()
-                rows_computed += len(idx)
+                    if self.dist is None:
+                        break  # (distributed: the other ranks' passes still need this one's)
+                if self.dist is None:
+                    loss.backward()
+                else:
+                    self.dist.backward(loss)
+                rows_computed += 0 if padding else len(idx)
                 with torch.no_grad():
                     sums["loss"] += float(loss)
                     sums["clip_frac"] += float((stats["clipped"] * m_mask).sum())
                     sums["kl"] += float((KL_ESTIMATORS["k3"](lp.detach(), old_lp[idx, :width]) * m_mask).sum())
                 tokens_seen += float(m_mask.sum())
+            if self.dist is not None:  # every rank steps, or none does
+                finite = self.dist.all_true(finite)
             # the step is taken also when every row was skipped: zero gradients, Adam moments still move
             gnorm, ok = clipped_step(self.params, self.optimizer, cfg.train.grad_clip, finite)
             if not ok:
@@ -368,6 +423,10 @@ class RLTrainer(Job):
             grad_norms.append(float(gnorm))
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        if self.dist is not None:  # each rank holds its part of every sum; the global batch has B rows
+            keys = sorted(sums)
+            *totals, tokens_seen, rows_computed = self.dist.sums([sums[k] for k in keys] + [tokens_seen, rows_computed])
+            sums, B = dict(zip(keys, totals)), self.layout.global_size
         denom = max(tokens_seen, 1.0)
         out = {"loss": sums["loss"] / max(updates, 1), "clip_frac": sums["clip_frac"] / denom,
                "kl": sums["kl"] / denom, "lr": lr,
@@ -389,14 +448,25 @@ class RLTrainer(Job):
         epochs reshuffled with a seed of (run seed, step, salt)); the normalisers are the mini batch's, so
         aggregation does not depend on the micro-batch split."""
         cfg, B = self.cfg, loss_mask.shape[0]
+        if self.dist is not None:  # the single process's mini batches of the global batch; this rank's rows
+            B = self.layout.global_size
         mini = cfg.resolved_mini_batch_size
         order_rng = torch.Generator().manual_seed(step_seed(cfg.run.seed, step) + salt)
         for epoch in range(cfg.train.epochs):
             order = torch.arange(B) if epoch == 0 else torch.randperm(B, generator=order_rng)
             for start in range(0, B, mini):
                 mb = order[start:start + mini]
-                yield mb, {"num_tokens": float(loss_mask[mb].sum()), "num_seqs": len(mb),
-                           "max_len": cfg.rollout.max_new_tokens}
+                if self.dist is None:
+                    yield mb, {"num_tokens": float(loss_mask[mb].sum()), "num_seqs": len(mb),
+                               "max_len": cfg.rollout.max_new_tokens}
+                    continue
+                rows = self.layout.local(mb)
+                tokens, seqs = float(loss_mask[rows].sum()), len(mb)
+                if self.dist.reduce_normalisers:  # token-mean's count over every rank's rows of the mini batch
+                    tokens = self.dist.sum(tokens)
+                else:  # per-rank normalisers (wrong unless every rank holds as many tokens; see the tests)
+                    seqs = len(rows)
+                yield rows, {"num_tokens": tokens, "num_seqs": seqs, "max_len": cfg.rollout.max_new_tokens}
 
     def update_critic(self, prompts, ids, mask, loss_mask, old_values, returns, step: int) -> dict[str, float]:
         """Regress the value model on the GAE returns with the clipped value loss (same batching as the policy)."""
@@ -408,24 +478,41 @@ class RLTrainer(Job):
         total, clipped, tokens, updates = 0.0, 0.0, 0.0, 0
         for mb, norms in self._mini_batches(loss_mask, step, salt=2):
             self.critic_optimizer.zero_grad(set_to_none=True)
-            for mstart in range(0, len(mb), micro):
-                idx = mb[mstart:mstart + micro]
+            chunks = [mb[s:s + micro] for s in range(0, len(mb), micro)]
+            if self.dist is not None:  # as many passes on every rank, as in update()
+                chunks = self.dist.pad_chunks(chunks)
+            for k, idx in enumerate(chunks):
+                padding = idx is None
+                if padding:
+                    idx = torch.zeros(1, dtype=torch.long)
                 width = max(1, int(mask[idx].sum(-1).max()))
                 m_mask = loss_mask[idx, :width]
-                v = self.critic([prompts[i] for i in idx], ids[idx, :width], mask[idx, :width], pad)
+                if padding:
+                    m_mask = torch.zeros_like(m_mask)
+                if self.dist is not None:
+                    self.dist.set_grad_sync(self.critic_train, last=k == len(chunks) - 1)
+                v = self.critic_train([prompts[i] for i in idx], ids[idx, :width], mask[idx, :width], pad)
                 loss_tok, was_clipped = clipped_value_loss(v, old_values[idx, :width], returns[idx, :width],
                                                            cfg.critic.value_clip)
                 loss = LOSS_AGGREGATIONS["token_mean"](loss_tok, m_mask, **norms)
-                loss.backward()
+                if self.dist is None:
+                    loss.backward()
+                else:
+                    self.dist.backward(loss)
                 total += float(loss.detach())
                 clipped += float((was_clipped * m_mask).sum())
                 tokens += float(m_mask.sum())
             clip = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-            if torch.isfinite(torch.nn.utils.clip_grad_norm_(params, clip)):
+            if math.isfinite(float(torch.nn.utils.clip_grad_norm_(params, clip))):
                 self.critic_optimizer.step()
                 updates += 1
         self.critic_optimizer.zero_grad(set_to_none=True)
         valid = loss_mask.bool()
+        if self.dist is not None:  # each rank holds its part of the global sums
+            total, clipped, tokens, n, v, r = self.dist.sums([total, clipped, tokens, float(valid.sum()),
+                                                              float(old_values[valid].sum()), float(returns[valid].sum())])
+            return {"value_loss": total / max(updates, 1), "value_clip_frac": clipped / max(tokens, 1.0),
+                    "values_mean": v / n if n else 0.0, "returns_mean": r / n if n else 0.0}
         return {"value_loss": total / max(updates, 1), "value_clip_frac": clipped / max(tokens, 1.0),
                 "values_mean": float(old_values[valid].mean()) if valid.any() else 0.0,
                 "returns_mean": float(returns[valid].mean()) if valid.any() else 0.0}
@@ -438,6 +525,10 @@ class RLTrainer(Job):
         batch = self.rollout(step)
         t_gen = time.time() - t0
         upd = self.update(batch, step)
+        if self.dist is not None:  # metrics and samples of the whole batch, as one process would log them
+            parts = self.dist.gather_objects(batch)
+            batch = RolloutBatch.concat(parts, self.tokenizer.pad_token_id)
+            batch.sampling_tries = parts[0].sampling_tries
         metrics = self._metrics(batch, upd, t_gen, time.time() - t0)
         if should_log_samples(step + 1, self.total_steps):  # best/worst completions, for reports
             run.log_samples(sample_log_record(step + 1, batch, self.cfg.rollout.n))

@@ -37,7 +37,7 @@ from postrl.data.sft import (
 )
 from postrl.models.loading import load_from_config
 from postrl.models.logprobs import token_logprobs
-from postrl.run import Job, StepOutput, TrainingError, run_job
+from postrl.run import Job, StepOutput, TrainingError, distributed, run_job
 from postrl.run.optim import build_optimizer, clipped_step
 from postrl.run.rng import step_seed
 
@@ -92,6 +92,8 @@ class SFTTrainer(Job):
         self.total_steps = s.epochs * self.steps_per_epoch
         if s.max_steps:
             self.total_steps = min(self.total_steps, s.max_steps)
+        self.dist = distributed.current()  # None: one process; else each rank trains on its share of a batch
+        self.train_model = self.model if self.dist is None else self.dist.prepare(self.model)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer, self.scheduler = build_optimizer(self.params, cfg.train, self.total_steps)
 
@@ -138,11 +140,11 @@ class SFTTrainer(Job):
             out = collate([r[0] for r in rows], pad)
         return {k: v.to(self.device) for k, v in out.items()}
 
-    def _forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _forward(self, batch: dict[str, torch.Tensor], model: Any = None) -> torch.Tensor:
         kwargs: dict[str, Any] = {"attention_mask": batch["attention_mask"]}
         if "position_ids" in batch:
             kwargs["position_ids"] = batch["position_ids"]
-        return self.model(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits
+        return (model or self.model)(input_ids=batch["input_ids"], use_cache=False, **kwargs).logits
 
     # ----- one step ------------------------------------------------------------------------------------------
     def update(self, rows: list[list[SFTExample]]) -> dict[str, float]:
@@ -151,14 +153,28 @@ class SFTTrainer(Job):
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         total, finite = 0.0, True
-        for start in range(0, len(rows), micro):
-            batch = self._tensors(rows[start:start + micro])
-            loss = sft_loss(self._forward(batch), batch["input_ids"], batch["loss_mask"], n_tokens)
+        chunks = [rows[s:s + micro] for s in range(0, len(rows), micro)]
+        if self.dist is not None:  # this rank's share of the batch (n_tokens is the whole batch's)
+            mine = self.dist.share(rows)
+            chunks = self.dist.pad_chunks([mine[s:s + micro] for s in range(0, len(mine), micro)])
+        for k, chunk in enumerate(chunks):
+            if self.dist is not None:
+                self.dist.set_grad_sync(self.train_model, last=k == len(chunks) - 1)
+            batch = self._tensors(chunk if chunk is not None else rows[:1])  # None: a zero-weight pass
+            loss = sft_loss(self._forward(batch, self.train_model), batch["input_ids"], batch["loss_mask"], n_tokens)
+            if chunk is None:
+                loss = loss * 0.0
             if not torch.isfinite(loss):
                 finite = False
-                break
-            loss.backward()
+                if self.dist is None:
+                    break
+            if self.dist is None:
+                loss.backward()
+            else:
+                self.dist.backward(loss)
             total += float(loss.detach())
+        if self.dist is not None:  # every rank steps or none; the loss is the sum of the ranks' parts
+            finite, total = self.dist.all_true(finite), self.dist.sum(total)
         lr = self.scheduler.get_last_lr()[0]
         gnorm, ok = clipped_step(self.params, self.optimizer, self.cfg.train.grad_clip, finite)
         self.optimizer.zero_grad(set_to_none=True)
