@@ -181,8 +181,8 @@ def episode_grpo(rewards: Tensor, mask: Tensor, group_size: int, cfg: "AlgoConfi
     """GRPO over episodes: the group-normalised episode return, the same on every sampled token of the
     episode (``adv_eps``, ``adv_std_scope``; see the module table)."""
     G = episode_returns(rewards, mask, token_rewards)
-    unbiased = bool(getattr(cfg, "adv_std_unbiased", False))
-    return _broadcast_rows(grpo_advantages(G, group_size, cfg.adv_eps, cfg.adv_std_scope, unbiased), mask)
+    extra = {"unbiased": True} if getattr(cfg, "adv_std_unbiased", False) else {}  # Bessel's std, as grpo
+    return _broadcast_rows(grpo_advantages(G, group_size, cfg.adv_eps, cfg.adv_std_scope, **extra), mask)
 
 
 @register_advantage("episode_rloo")
