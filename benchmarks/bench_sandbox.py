@@ -4,8 +4,9 @@
     python benchmarks/bench_sandbox.py --quick    # fewer repetitions
 
 Cases: a trivial program; a test suite of 10 asserts run as one program; the same 10 asserts run
-as 10 separate runs in one sandbox call (what the code reward does, one process per test); the
-code reward end to end on a batch; and, for reference, a bare ``python -I -S -c pass`` (no
+as 10 separate plain runs in one sandbox call; the same as 10 test runs (the program in one
+process, each assert checked in a second one on plain data: what the code reward does since issue
+18); the code reward end to end on a batch; and, for reference, a bare ``python -I -S -c pass`` (no
 isolation) and the unsafe fallback (rlimits only). Sequential cases use one thread; "xN" cases
 run N calls concurrently from a thread pool. Prints a table and writes
 benchmarks/results/sandbox.json.
@@ -97,6 +98,10 @@ def main() -> int:
         lambda: check(box.run_many([SOLUTION + a for a in ASSERTS]), 10))
     add(f"sandbox: 10 asserts as 10 runs in one call x{threads}", 10,
         lambda: check(box.run_many([SOLUTION + a for a in ASSERTS]), 10), threads)
+    tests = [{"code": SOLUTION, "test": a} for a in ASSERTS]
+    add("sandbox: 10 asserts as 10 test runs in one call", 10, lambda: check(box.run_many(tests), 10))
+    add(f"sandbox: 10 asserts as 10 test runs in one call x{threads}", 10, lambda: check(box.run_many(tests), 10),
+        threads)
 
     reward = CodeReward(timeout_s=5, workers=threads)
     batch_size = 8
@@ -110,7 +115,7 @@ def main() -> int:
         assert all(s is not None and s.score == 1.0 for s in out), out
 
     res = timed(reward_batch, max(3, n // 5))
-    res.update(case=f"code reward: batch of {batch_size} completions x 10 asserts, workers={threads}",
+    res.update(case=f"code reward: batch of {batch_size} completions x 10 asserts (test runs), workers={threads}",
                runs_per_call=batch_size * 10, runs_per_s=res["calls_per_s"] * batch_size * 10,
                completions_per_s=res["calls_per_s"] * batch_size)
     rows.append(res)
@@ -125,7 +130,8 @@ def main() -> int:
     load = os.getloadavg()
     meta = {"date": dt.datetime.now().isoformat(timespec="seconds"), "python": sys.version.split()[0],
             "platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_after": load,
-            "note": "shared machine: other processes were running; compare rows within one run"}
+            "note": "shared machine: other processes were running; compare rows within one run",
+            "memory_bound": box.memory_bound, "seccomp_filter": box.seccomp is not None}
     print()
     print(f"| case | runs/call | calls/s | runs/s | median ms/call |   (cpus={os.cpu_count()}, load {load[0]:.1f})")
     print("|---|---:|---:|---:|---:|")
