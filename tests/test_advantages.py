@@ -77,7 +77,8 @@ from postrl.algorithms.advantages import (  # noqa: E402
 )
 from postrl.config import AlgoConfig  # noqa: E402
 
-ALL_ESTIMATORS = {"grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax", "bnpo", "gae"}
+ALL_ESTIMATORS = {"grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "remax", "bnpo", "gae",
+                  "passk", "gfpo", "opmd", "asymre", "w_reinforce", "distill"}
 PI = math.pi
 
 
@@ -90,10 +91,11 @@ def t(x) -> torch.Tensor:
 
 
 def test_every_published_estimator_is_registered_and_declares_its_inputs():
-    assert set(ADVANTAGES) == ALL_ESTIMATORS
+    assert {n for n, f in ADVANTAGES.items() if f.__module__ == adv_mod.__name__} == ALL_ESTIMATORS
     assert ADVANTAGES.get_fn("gae").requires == ("values",)
     assert ADVANTAGES.get_fn("remax").requires == ("baseline_rewards",)
-    for name in ALL_ESTIMATORS - {"gae", "remax"}:
+    assert ADVANTAGES.get_fn("distill").requires == ("token_rewards",)
+    for name in ALL_ESTIMATORS - {"gae", "remax", "distill"}:
         assert ADVANTAGES.get_fn(name).requires == ()
     for name in ALL_ESTIMATORS:
         doc = ADVANTAGES.get_fn(name).__doc__
@@ -333,17 +335,22 @@ def _inputs(B=8, T=5, n=4):
 def test_uniform_signature_for_every_estimator(name):
     rewards, mask, n, extra = _inputs()
     fn = ADVANTAGES.get_fn(name)
-    out = fn(rewards, mask, n, cfg(adv_eps=1e-6), **extra)
+    if name == "distill":  # its advantages are the KL token rewards; without them it raises
+        with pytest.raises(ValueError, match="token_rewards"):
+            fn(rewards, mask, n, cfg(), **extra)
+        extra = {**extra, "token_rewards": -0.01 * mask}
+    out = fn(rewards, mask, n, cfg(adv_eps=1e-6, passk_k=2, gfpo_k=2), **extra)  # k < n: non-zero advantages
     assert out.shape == mask.shape and out.dtype == torch.float32
     assert torch.isfinite(out).all()
     assert torch.equal(out[mask == 0], torch.zeros(int((mask == 0).sum())))  # exactly 0 on padding
     assert (out[mask > 0] != 0).any()
     # the same call with KL token rewards (0 at padding), except bnpo which refuses them
     token_rewards = -0.01 * mask
-    if name == "bnpo":
+    if name in ("bnpo", "passk", "w_reinforce"):  # bounded / binary rewards: they refuse per-token rewards
         with pytest.raises(ValueError):
             fn(rewards, mask, n, cfg(), token_rewards=token_rewards, **extra)
     else:
+        extra = {k: v for k, v in extra.items() if k != "token_rewards"}
         out = fn(rewards, mask, n, cfg(adv_eps=1e-6), token_rewards=token_rewards, **extra)
         assert torch.isfinite(out).all() and torch.equal(out[mask == 0], torch.zeros(int((mask == 0).sum())))
 

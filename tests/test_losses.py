@@ -17,7 +17,9 @@ from postrl.algorithms.kl import kl_k1, kl_k2, kl_k3
 from postrl.algorithms.policy_losses import cispo_loss, gspo_loss, ppo_clip_loss, reinforce_loss, tis_weights
 from postrl.config import AlgoConfig
 
-BUILTIN_LOSSES = ("ppo_clip", "gspo", "cispo", "reinforce")
+BUILTIN_LOSSES = ("ppo_clip", "gspo", "cispo", "reinforce", "gmpo", "sapo", "dppo", "topr")
+# the token-selecting losses of postrl.algorithms.entropy_control (not zero_at_zero_advantage: batch-wide selection)
+ENTROPY_CONTROL_LOSSES = ("clip_cov", "kl_cov", "top_entropy")
 BUILTIN_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 
 
@@ -301,6 +303,24 @@ def test_zero_at_zero_advantage_is_true_and_exact(name):
 def test_builtin_losses_are_all_registered():
     mine = {n for n, f in POLICY_LOSSES.items() if getattr(f, "__module__", "") == pl_module.__name__}
     assert mine == set(BUILTIN_LOSSES)
+    from postrl.algorithms import entropy_control
+
+    theirs = {n for n, f in POLICY_LOSSES.items() if getattr(f, "__module__", "") == entropy_control.__name__}
+    assert theirs == set(ENTROPY_CONTROL_LOSSES)
+
+
+@pytest.mark.parametrize("name", ENTROPY_CONTROL_LOSSES)
+def test_entropy_control_losses_have_the_uniform_signature_and_do_not_claim_zero_skipping(name):
+    fn = POLICY_LOSSES.get_fn(name)
+    assert fn.zero_at_zero_advantage is False
+    lp, old, adv, mask = _random_batch()
+    extra = {"entropy": torch.rand_like(lp)} if "entropy" in getattr(fn, "requires", ()) else {}
+    loss, stats = fn(lp, old, adv, mask, cfg(dual_clip_c=3.0), **extra)
+    assert loss.shape == lp.shape and torch.isfinite(loss).all()
+    assert all(v.shape == lp.shape and not v.requires_grad for v in stats.values())
+    assert torch.equal(stats["clipped"] * (1 - mask), torch.zeros_like(mask))
+    loss.sum().backward()
+    assert torch.isfinite(lp.grad).all()
 
 
 # --------------------------------------------------------------------------------------------------------------

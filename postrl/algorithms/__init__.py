@@ -6,7 +6,7 @@ registered by name so that a config picks it: ``algo.advantage``,
 (fixed / adaptive) and the KL-in-reward placement live in :mod:`.kl_control`.
 """
 
-from . import advantages, aggregation, kl, kl_control, policy_losses  # noqa: F401  (registers)
+from . import advantages, aggregation, entropy_control, kl, kl_control, policy_losses  # noqa: F401  (registers)
 from . import turn_advantages  # noqa: F401,E402  (registers the multi-turn estimators)
 from .kl_control import AdaptiveKLController, FixedKLController, build_kl_controller, kl_penalty_rewards
 from .registry import (

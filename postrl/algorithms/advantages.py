@@ -21,6 +21,20 @@ name                       advantage of token t of completion i (group g of size
                            alpha = 1 + a/3, beta = 1 + b/3, Beta(a, b) fit to the p_g    arXiv:2506.02864, Sec. 3
 ``gae``                    sum_l (gamma lam)^l delta_{t+l},                              GAE, Schulman et al. 2016,
                            delta_t = r_t + gamma V_{t+1} - V_t (optional whitening)      arXiv:1506.02438, eq. 16
+``passk``                  analytic pass@k group advantage: (1 - R) / sigma for a right   Pass@k Training, Chen et
+                           completion, (1 - R - C(N_neg-1, k-1)/C(N-1, k-1)) / sigma     al. 2025, arXiv:2508.10751,
+                           for a wrong one, R = 1 - C(N_neg, k)/C(N, k)                  Sec. 4
+``gfpo``                   GRPO over the k kept completions of each group (shortest, or  GFPO, Shrivastava et al.
+                           highest reward per token), 0 for the filtered ones            2025, arXiv:2508.09726
+``opmd``                   (r_i - b_g) / (1 + tau), b_g = mean_g r or                    OPMD (Trinity-RFT), Yao et
+                           tau log(1/n sum_j exp(r_j / tau))                             al. 2025, arXiv:2509.24203,
+                                                                                         Sec. 2.2; Kimi k1.5
+``asymre``                 r_i - (mean_g r + delta), delta < 0                           AsymRE, Arnal et al. 2025,
+                                                                                         arXiv:2506.20520
+``w_reinforce``            +lambda (right) / -1 (wrong), from s = 2 r - 1                W-REINFORCE, Zhu et al.
+                                                                                         2025, arXiv:2506.01347
+``distill``                token_rewards_t = log pi_teacher - log pi_student (k1 KL in   On-policy distillation,
+                           the reward with the teacher as the reference)                 arXiv:2306.13649
 =========================  ============================================================  ==========================
 
 Every registered estimator has one signature (pure function over tensors + config)::
@@ -67,7 +81,14 @@ from torch import Tensor
 from .registry import register_advantage
 
 __all__ = [
+    "asymre_advantages",
     "bnpo_advantages",
+    "distillation_advantages",
+    "gfpo_advantages",
+    "gfpo_select",
+    "opmd_advantages",
+    "passk_advantages",
+    "w_reinforce_advantages",
     "bnpo_beta_params",
     "discounted_returns",
     "dr_grpo_advantages",
@@ -96,24 +117,29 @@ def _groups(rewards: Tensor, group_size: int) -> Tensor:
     return rewards.view(-1, group_size)
 
 
-def grpo_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6, std_scope: str = "group") -> Tensor:
+def grpo_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6, std_scope: str = "group",
+                    unbiased: bool = False) -> Tensor:
     """GRPO outcome advantages, DeepSeekMath (arXiv:2402.03300) Sec. 4.1.2:
     ``A_i = (r_i - mean(r_group)) / (std(r_group) + eps)``.
 
     ``std_scope``: ``"group"`` (the paper), ``"batch"`` (std over the whole
     batch, as in REINFORCE++-baseline / Dr. GRPO discussions) or ``"none"``
-    (no division). The std is the population std (divide by n), so a group of
-    two rewards {0, 1} gets advantages {-1, +1}. A group whose rewards are all
-    equal gets advantage 0 for every member.
+    (no division). By default the std is the population std (divide by n), so a group of
+    two rewards {0, 1} gets advantages {-1, +1}. ``unbiased=True`` divides by n - 1 (Bessel), which is
+    what TRL's ``GRPOTrainer`` does (``torch.std``, with ``eps = 1e-4``): its advantages are the
+    population-std ones times ``sqrt((n - 1) / n)`` up to the eps (``{0, 1}`` -> ``{-0.7071, +0.7071}``).
+    A group whose rewards are all equal gets advantage 0 for every member.
 
     Shapes: ``rewards [B] -> [B]``.
     """
     groups = _groups(rewards.float(), group_size)
     centered = groups - groups.mean(dim=1, keepdim=True)
+    if unbiased and (group_size < 2 if std_scope == "group" else rewards.numel() < 2):
+        raise ValueError("the unbiased (Bessel) std needs at least 2 rewards per group (rollout.n >= 2)")
     if std_scope == "group":
-        scale = groups.std(dim=1, unbiased=False, keepdim=True)
+        scale = groups.std(dim=1, unbiased=unbiased, keepdim=True)
     elif std_scope == "batch":
-        scale = rewards.float().std(unbiased=False).expand_as(groups)
+        scale = rewards.float().std(unbiased=unbiased).expand_as(groups)
     elif std_scope == "none":
         return centered.reshape(-1)
     else:
@@ -341,10 +367,11 @@ def grpo(rewards: Tensor, mask: Tensor, group_size: int, cfg: AlgoConfig, *,
          baseline_rewards: Tensor | None = None, state: dict[str, Any] | None = None) -> Tensor:
     """GRPO (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300, Sec. 4.1.2, outcome supervision):
     ``(r_i - mean_g) / (std_g + adv_eps)`` broadcast over the completion's tokens; the std scope is
-    ``cfg.adv_std_scope`` (group | batch | none). See :func:`grpo_advantages`."""
+    ``cfg.adv_std_scope`` (group | batch | none), the std the population one unless
+    ``cfg.adv_std_unbiased`` (Bessel, as TRL; TRL's eps is ``adv_eps = 1e-4``). See :func:`grpo_advantages`."""
     r, valid = _prepare("grpo", rewards, mask)
     r = _sequence_rewards("grpo", r, valid, token_rewards)
-    return _broadcast(grpo_advantages(r, group_size, cfg.adv_eps, cfg.adv_std_scope), valid)
+    return _broadcast(grpo_advantages(r, group_size, cfg.adv_eps, cfg.adv_std_scope, cfg.adv_std_unbiased), valid)
 
 
 @register_advantage("dr_grpo")
@@ -503,3 +530,267 @@ gae.requires = ("values",)
 
 for _fn in (grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline, bnpo):
     _fn.requires = ()
+
+
+# --------------------------------------------------------------------------------------------- #
+# Round two (issue 17): group shaping, off-policy REINFORCE baselines, on-policy distillation
+# --------------------------------------------------------------------------------------------- #
+
+
+def _binary_groups(name: str, rewards: Tensor, group_size: int) -> Tensor:
+    groups = _groups(rewards.float(), group_size)
+    if groups.numel() and not bool(((groups == 0) | (groups == 1)).all()):
+        raise ValueError(f"{name} needs binary rewards (0 = wrong, 1 = right), got values in "
+                         f"[{float(groups.min()):g}, {float(groups.max()):g}]; use one 0/1 reward (no format bonus, "
+                         "no overlong shaping) or another estimator")
+    return groups
+
+
+def passk_advantages(rewards: Tensor, group_size: int, k: int) -> Tensor:
+    """Pass@k training, Chen et al. 2025, "Pass@k Training for Adaptively Balancing Exploration and
+    Exploitation of Large Reasoning Models" (arXiv:2508.10751), the analytic group advantage (Sec. 4).
+
+    The reward of a k-subset of the ``N = group_size`` completions is its pass@k (1 if any member is
+    right). Over all ``C(N, k)`` subsets, with ``N_neg`` wrong completions in the group:
+
+    * mean group reward ``R = 1 - C(N_neg, k) / C(N, k)``, std ``sigma = sqrt(R (1 - R))``;
+    * a right completion is in right subsets only: ``A_pos = (1 - R) / sigma``;
+    * a wrong one is in a wrong subset when its ``k - 1`` partners are all wrong:
+      ``A_neg = (1 - R - C(N_neg - 1, k - 1) / C(N - 1, k - 1)) / sigma``.
+
+    ``sigma = 0`` (all right, all wrong, or fewer than ``k`` wrong) gives advantage 0 to the whole
+    group (the numerators are 0 there too). ``k = 1`` is GRPO with the population std and eps 0.
+    Rewards must be binary. Shapes: ``rewards [B] -> [B]``.
+    """
+    if not 1 <= k <= group_size:
+        raise ValueError(f"passk: k={k} must be in [1, group_size={group_size}] (algo.passk_k <= rollout.n)")
+    groups = _binary_groups("passk", rewards, group_size)
+    n = group_size
+    out = torch.zeros_like(groups, dtype=torch.float64)
+    for g, row in enumerate(groups):
+        n_neg = n - int(row.sum())
+        mean = 1.0 - math.comb(n_neg, k) / math.comb(n, k)
+        sigma = math.sqrt(max(mean * (1.0 - mean), 0.0))
+        if sigma == 0.0:
+            continue
+        a_pos = (1.0 - mean) / sigma
+        a_neg = (1.0 - mean - (math.comb(n_neg - 1, k - 1) / math.comb(n - 1, k - 1) if n_neg >= 1 else 0.0)) / sigma
+        out[g] = torch.where(row > 0, torch.full_like(out[g], a_pos), torch.full_like(out[g], a_neg))
+    return out.reshape(-1).float()
+
+
+GFPO_METRICS = ("length", "reward_per_token")
+
+
+def gfpo_select(rewards: Tensor, lengths: Tensor, group_size: int, k: int, metric: str = "length") -> Tensor:
+    """Group Filtered Policy Optimization, Shrivastava et al. 2025 (arXiv:2508.09726), Sec. 3: sample
+    ``G = group_size`` completions per prompt and keep the ``k`` best of each group by ``metric``:
+
+    * ``"length"``: the ``k`` shortest (GFPO "Shortest k/G");
+    * ``"reward_per_token"``: the ``k`` with the highest ``r_i / |o_i|`` (token efficiency).
+
+    Ties keep the earlier completion. A completion of length 0 (empty loss mask, e.g. filtered as
+    overlong) ranks last under both metrics. Returns the kept rows, ascending ``[groups * k]`` (long).
+    Shapes: ``rewards, lengths [B]``.
+    """
+    if metric not in GFPO_METRICS:
+        raise ValueError(f"gfpo metric {metric!r} is not valid; choose one of: {', '.join(GFPO_METRICS)}")
+    if not 1 <= k <= group_size:
+        raise ValueError(f"gfpo: k={k} must be in [1, group_size={group_size}] (algo.gfpo_k <= rollout.n)")
+    r = _groups(rewards.float(), group_size).double()
+    lens = _groups(torch.as_tensor(lengths).to(r.device).float(), group_size).double()
+    empty = lens <= 0
+    if metric == "length":
+        key = torch.where(empty, torch.full_like(lens, math.inf), lens)  # ascending: shortest first
+    else:
+        key = torch.where(empty, torch.full_like(lens, math.inf), -r / lens.clamp(min=1.0))  # highest r/len first
+    order = torch.argsort(key, dim=1, stable=True)[:, :k]
+    rows = order + torch.arange(r.shape[0], device=r.device)[:, None] * group_size
+    return rows.reshape(-1).sort().values
+
+
+def gfpo_advantages(rewards: Tensor, lengths: Tensor, group_size: int, k: int, metric: str = "length",
+                    eps: float = 1e-6, unbiased: bool = False) -> Tensor:
+    """GFPO advantages (arXiv:2508.09726, Sec. 3): the kept set ``S`` of each group
+    (:func:`gfpo_select`) is normalised on its own, ``A_i = (r_i - mean_S r) / (std_S r + eps)``
+    for ``i`` in ``S``, and ``A_i = 0`` for the filtered-out completions. The std is the population
+    one unless ``unbiased`` (as :func:`grpo_advantages`). Shapes: ``rewards, lengths [B] -> [B]``.
+    """
+    keep = gfpo_select(rewards, lengths, group_size, k, metric)
+    r = rewards.float()
+    kept = r[keep].view(-1, k)
+    adv = grpo_advantages(kept.reshape(-1), k, eps, "group", unbiased) if k >= 2 else torch.zeros(kept.numel())
+    out = torch.zeros_like(r)
+    out[keep] = adv.to(out.dtype)
+    return out
+
+
+OPMD_BASELINES = ("mean", "logavgexp")
+
+
+def opmd_advantages(rewards: Tensor, group_size: int, tau: float = 1.0, baseline: str = "mean") -> Tensor:
+    """OPMD, online policy mirror descent as Trinity-RFT implements it (Yao et al. 2025, "Group-Relative
+    REINFORCE Is Secretly an Off-Policy Algorithm", arXiv:2509.24203, Sec. 2.2; after Kimi k1.5,
+    arXiv:2501.12599, Sec. 2.3.2).
+
+    The KL-regularised mirror-descent step ``max_pi E[r] - tau KL(pi || pi_old)`` has the solution
+    ``pi* ~ pi_old exp(r / tau)``; regressing ``tau log(pi / pi_old)`` on ``r - tau log Z`` gives the
+    REINFORCE-like gradient ``(r_i - b) grad log pi(y_i)`` with the log-partition
+    ``b = tau log Z`` estimated from the group: ``"logavgexp"``: ``b = tau log(1/n sum_j exp(r_j / tau))``,
+    or ``"mean"`` (Kimi's choice): ``b = mean_g r``. Trinity-RFT's loss also divides by ``1 + tau``
+    (its regularisation w.r.t. the current policy), folded in here:
+
+        ``A_i = (r_i - b_g) / (1 + tau)``
+
+    to be used with the ratio-free ``reinforce`` loss. Shapes: ``rewards [B] -> [B]``.
+    """
+    if not tau > 0:
+        raise ValueError(f"opmd: tau must be > 0, got {tau}")
+    if baseline not in OPMD_BASELINES:
+        raise ValueError(f"opmd baseline {baseline!r} is not valid; choose one of: {', '.join(OPMD_BASELINES)}")
+    groups = _groups(rewards.float(), group_size).double()
+    if baseline == "mean":
+        b = groups.mean(dim=1, keepdim=True)
+    else:
+        b = tau * (torch.logsumexp(groups / tau, dim=1, keepdim=True) - math.log(group_size))
+    return ((groups - b) / (1.0 + tau)).reshape(-1).float()
+
+
+def asymre_advantages(rewards: Tensor, group_size: int, baseline_shift: float = -0.1) -> Tensor:
+    """Asymmetric REINFORCE (AsymRE), Arnal et al. 2025, "Asymmetric REINFORCE for off-Policy
+    Reinforcement Learning: Balancing positive and negative rewards" (arXiv:2506.20520), as in
+    Trinity-RFT: REINFORCE with the baseline moved below the group's mean reward,
+
+        ``A_i = r_i - (mean_g r + delta)``,  ``delta = baseline_shift`` (default -0.1),
+
+    so positive samples weigh more than negative ones (``delta < 0``; the paper shows that a baseline
+    below the expected reward keeps off-policy REINFORCE stable). Shapes: ``rewards [B] -> [B]``.
+    """
+    groups = _groups(rewards.float(), group_size)
+    return (groups - (groups.mean(dim=1, keepdim=True) + float(baseline_shift))).reshape(-1)
+
+
+def w_reinforce_advantages(rewards: Tensor, lam: float = 0.1) -> Tensor:
+    """W-REINFORCE, Zhu et al. 2025, "The Surprising Effectiveness of Negative Reinforcement in LLM
+    Reasoning" (arXiv:2506.01347), Sec. 5: ``L = lambda L_PSR + L_NSR`` with rewards ``+-1``, i.e. the
+    REINFORCE loss ``-A log pi(y|x)`` with ``A = +lambda`` for a right completion (positive sample
+    reinforcement, down-weighted) and ``A = -1`` for a wrong one (negative sample reinforcement);
+    the paper uses ``lambda = 0.1``.
+
+    postrl's rewards in [0, 1] are mapped to the paper's scale ``s = 2 r - 1`` in [-1, 1] (0/1 ->
+    -1/+1), then ``A = lambda * s`` where ``s > 0`` and ``A = s`` where ``s <= 0``. No baseline.
+    Rewards outside [0, 1] raise ``ValueError``. Shapes: ``rewards [B] -> [B]``.
+    """
+    r = rewards.float()
+    if r.numel() and (float(r.min()) < 0.0 or float(r.max()) > 1.0):
+        raise ValueError(f"w_reinforce needs rewards in [0, 1] (it maps them to the paper's -1/+1); got min "
+                         f"{float(r.min()):g}, max {float(r.max()):g}")
+    s = 2.0 * r - 1.0
+    return torch.where(s > 0, float(lam) * s, s)
+
+
+def distillation_advantages(student_logprobs: Tensor, teacher_logprobs: Tensor, mask: Tensor) -> Tensor:
+    """On-policy distillation (Agarwal et al. 2024, "On-Policy Distillation of Language Models: Learning
+    from Self-Generated Mistakes", arXiv:2306.13649; Thinking Machines, "On-Policy Distillation", 2025):
+    the per-token advantage is the negative per-token reverse KL of the sampled token,
+
+        ``A_t = -(log pi_student(y_t) - log pi_teacher(y_t)) = log pi_teacher(y_t) - log pi_student(y_t)``,
+
+    on the student's own samples, no discount (each token is its own return), 0 where ``mask == 0``.
+    With a policy-gradient loss this minimises ``KL(pi_student || pi_teacher)`` on the student's
+    distribution. Both log-probs are of the same token ids (same tokenizer). Detached.
+    Shapes: ``student_logprobs, teacher_logprobs, mask [B, T] -> [B, T]``.
+    """
+    if student_logprobs.shape != teacher_logprobs.shape or mask.shape != student_logprobs.shape:
+        raise ValueError(f"distillation: student {tuple(student_logprobs.shape)}, teacher "
+                         f"{tuple(teacher_logprobs.shape)} and mask {tuple(mask.shape)} must have the same shape")
+    adv = (teacher_logprobs.detach().float() - student_logprobs.detach().float())
+    return torch.where(mask > 0, adv, torch.zeros_like(adv))
+
+
+@register_advantage("passk")
+def passk(rewards: Tensor, mask: Tensor, group_size: int, cfg: AlgoConfig, *,
+          token_rewards: Tensor | None = None, values: Tensor | None = None,
+          baseline_rewards: Tensor | None = None, state: dict[str, Any] | None = None) -> Tensor:
+    """Pass@k training (Chen et al. 2025, arXiv:2508.10751, Sec. 4, analytic advantage): each completion's
+    advantage under a pass@``cfg.passk_k`` group reward, broadcast over its tokens. Binary rewards only;
+    refuses KL token rewards. See :func:`passk_advantages`."""
+    r, valid = _prepare("passk", rewards, mask)
+    if token_rewards is not None:
+        raise ValueError("passk needs binary outcome rewards and cannot take per-token rewards: "
+                         "put the KL penalty in the loss (algo.kl_in_reward=false)")
+    return _broadcast(passk_advantages(r, group_size, cfg.passk_k), valid)
+
+
+@register_advantage("gfpo")
+def gfpo(rewards: Tensor, mask: Tensor, group_size: int, cfg: AlgoConfig, *,
+         token_rewards: Tensor | None = None, values: Tensor | None = None,
+         baseline_rewards: Tensor | None = None, state: dict[str, Any] | None = None) -> Tensor:
+    """GFPO (Shrivastava et al. 2025, arXiv:2508.09726, Sec. 3): keep the ``cfg.gfpo_k`` best completions
+    of each group by ``cfg.gfpo_metric`` (length = loss-mask tokens), normalise their rewards among
+    themselves as GRPO does (``adv_eps``, ``adv_std_unbiased``), advantage 0 for the others. See
+    :func:`gfpo_advantages`. The filtered completions stay in the batch with advantage 0."""
+    r, valid = _prepare("gfpo", rewards, mask)
+    r = _sequence_rewards("gfpo", r, valid, token_rewards)
+    lengths = valid.sum(dim=1)
+    return _broadcast(gfpo_advantages(r, lengths, group_size, cfg.gfpo_k, cfg.gfpo_metric, cfg.adv_eps,
+                                      cfg.adv_std_unbiased), valid)
+
+
+@register_advantage("opmd")
+def opmd(rewards: Tensor, mask: Tensor, group_size: int, cfg: AlgoConfig, *,
+         token_rewards: Tensor | None = None, values: Tensor | None = None,
+         baseline_rewards: Tensor | None = None, state: dict[str, Any] | None = None) -> Tensor:
+    """OPMD (Trinity-RFT; Yao et al. 2025, arXiv:2509.24203, Sec. 2.2): ``(r_i - b_g) / (1 + tau)`` with
+    ``tau = cfg.opmd_tau`` and ``b_g`` the group mean or ``tau`` log-avg-exp (``cfg.opmd_baseline``),
+    broadcast over tokens. See :func:`opmd_advantages`."""
+    r, valid = _prepare("opmd", rewards, mask)
+    r = _sequence_rewards("opmd", r, valid, token_rewards)
+    return _broadcast(opmd_advantages(r, group_size, cfg.opmd_tau, cfg.opmd_baseline), valid)
+
+
+@register_advantage("asymre")
+def asymre(rewards: Tensor, mask: Tensor, group_size: int, cfg: AlgoConfig, *,
+           token_rewards: Tensor | None = None, values: Tensor | None = None,
+           baseline_rewards: Tensor | None = None, state: dict[str, Any] | None = None) -> Tensor:
+    """AsymRE (Arnal et al. 2025, arXiv:2506.20520; Trinity-RFT): ``r_i - (mean_g r + delta)`` with
+    ``delta = cfg.asymre_baseline_shift``, broadcast over tokens. See :func:`asymre_advantages`."""
+    r, valid = _prepare("asymre", rewards, mask)
+    r = _sequence_rewards("asymre", r, valid, token_rewards)
+    return _broadcast(asymre_advantages(r, group_size, cfg.asymre_baseline_shift), valid)
+
+
+@register_advantage("w_reinforce")
+def w_reinforce(rewards: Tensor, mask: Tensor, group_size: int, cfg: AlgoConfig, *,
+                token_rewards: Tensor | None = None, values: Tensor | None = None,
+                baseline_rewards: Tensor | None = None, state: dict[str, Any] | None = None) -> Tensor:
+    """W-REINFORCE (Zhu et al. 2025, arXiv:2506.01347, Sec. 5): ``+lambda`` for a right completion,
+    ``-1`` for a wrong one (rewards in [0, 1] mapped to ``2 r - 1``), ``lambda = cfg.w_reinforce_lambda``,
+    broadcast over tokens. Refuses KL token rewards. See :func:`w_reinforce_advantages`."""
+    r, valid = _prepare("w_reinforce", rewards, mask)
+    if token_rewards is not None:
+        raise ValueError("w_reinforce maps rewards in [0, 1] to +-1 and cannot take per-token rewards: "
+                         "put the KL penalty in the loss (algo.kl_in_reward=false)")
+    return _broadcast(w_reinforce_advantages(r, cfg.w_reinforce_lambda), valid)
+
+
+@register_advantage("distill")
+def distill(rewards: Tensor, mask: Tensor, group_size: int, cfg: AlgoConfig, *,
+            token_rewards: Tensor | None = None, values: Tensor | None = None,
+            baseline_rewards: Tensor | None = None, state: dict[str, Any] | None = None) -> Tensor:
+    """On-policy distillation (arXiv:2306.13649; Thinking Machines 2025): ``A_t = token_rewards_t``,
+    which with the teacher as the KL reference, ``algo.kl_in_reward: true``, ``kl_estimator: k1`` and
+    ``kl_coef: 1`` is ``-(log pi_student - log pi_teacher)`` per token, as
+    :func:`distillation_advantages`. No discount, no baseline; the outcome ``rewards`` are not used
+    (they are only logged). Raises ``ValueError`` without ``token_rewards``."""
+    r, valid = _prepare("distill", rewards, mask)
+    if token_rewards is None:
+        raise ValueError("distill needs token_rewards = -kl_coef * k1(student, teacher): set algo.kl_in_reward=true, "
+                         "algo.kl_estimator=k1 and the teacher as the reference model (algo.distill_teacher)")
+    tr = _check_token_tensor("distill", "token_rewards", token_rewards, mask)
+    return torch.where(valid, tr, torch.zeros_like(tr))
+
+
+for _fn in (passk, gfpo, opmd, asymre, w_reinforce):
+    _fn.requires = ()
+distill.requires = ("token_rewards",)

@@ -131,3 +131,27 @@ def kl_penalty_rewards(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, coe
         kl = fn(logprobs.detach().float(), ref_logprobs.detach().float())
         penalty = -float(coef) * kl
         return torch.where(mask > 0, penalty, torch.zeros_like(penalty))
+
+
+def reference_reset_due(step: int, every: int) -> bool:
+    """ProRL reference resets (Liu et al. 2025, "ProRL: Prolonged Reinforcement Learning Expands
+    Reasoning Boundaries in Large Language Models", arXiv:2505.24864, its "reference policy
+    reset"): every ``every`` steps the KL reference is hard-reset to the current policy and the
+    optimizer state is re-initialised, so the KL term stops anchoring the policy to a stale start.
+
+    ``step`` is the 0-based index of the step about to run; a reset happens before steps
+    ``every, 2 every, ...`` (never before step 0, where the reference already is the policy).
+    ``every = 0`` turns resets off. Pure: a resumed run asks the same question for the same step.
+    """
+    if every < 0 or step < 0:
+        raise ValueError(f"reference_reset_due: step={step} and every={every} must be >= 0")
+    return every > 0 and step > 0 and step % every == 0
+
+
+def last_reference_reset(step: int, every: int) -> int:
+    """The step before which the most recent reset happened (0 = none yet: the reference is the starting
+    model), for a run resumed before ``step``: the reference to restore is the policy as it was at the
+    start of that step. ``every = 0``: always 0."""
+    if every < 0 or step < 0:
+        raise ValueError(f"last_reference_reset: step={step} and every={every} must be >= 0")
+    return 0 if every == 0 else (step // every) * every

@@ -18,7 +18,18 @@ name           per-token loss (minimised)                                       
                                                                                    eqs. 4-5
 ``reinforce``  ``-A logp``                                                         Williams (1992); RLOO
                                                                                    (arXiv:2402.14740)
+``gmpo``       ``-A_i exp(1/|o_i| sum_t l_t)``, ``l_t`` = log-ratio clipped to     GMPO (arXiv:2507.20673)
+               ``[-eps_low, eps_high]`` in the advantage's direction (sequence)
+``sapo``       ``-(4 / tau) sigmoid(tau (rho - 1)) A``, ``tau`` = ``sapo_tau_pos``  SAPO (arXiv:2511.20347)
+               if ``A > 0`` else ``sapo_tau_neg``
+``dppo``       ``-M rho A``, ``M = 0`` where the token's probability left the       DPPO (arXiv:2602.04879)
+               trust region (binary TV / KL > delta) in the advantage's direction
+``topr``       ``-sg(w_i) A logp``, ``w_i = 1`` if ``A_i >= 0`` else                TOPR (arXiv:2503.14286)
+               ``min(pi(y_i) / pi_old(y_i), 1)`` (sequence ratio)
 =============  ==================================================================  =============================
+
+Entropy-collapse control (``clip_cov``, ``kl_cov``, ``top_entropy``) lives in
+:mod:`postrl.algorithms.entropy_control`.
 
 How published methods map onto ``algo.advantage`` + ``algo.policy_loss`` + ``algo.loss_agg``:
 
@@ -58,7 +69,13 @@ at least ``clipped`` (1 where the loss's clip was active) so the trainer can log
 
 A loss whose value and gradient are exactly 0 wherever the advantage is 0 sets
 ``fn.zero_at_zero_advantage = True``; the trainer then skips the forward/backward of sequences
-whose advantages are all 0 (same gradient, less compute). All four losses here qualify.
+whose advantages are all 0 (same gradient, less compute). All the losses of this module qualify; the
+token-selecting ones of :mod:`.entropy_control` do not.
+
+A loss that needs more than the five positional inputs declares them in ``fn.requires`` and takes
+them as keyword arguments: ``top_entropy`` has ``requires = ("entropy",)`` and is called with
+``entropy=[B, T]`` (the per-token entropy of the training forward pass). Losses without ``requires``
+are called with the five positional arguments only.
 
 Truncated importance sampling against the *behaviour* policy (the rollout engine, whose
 log-probs can differ from the trainer's even at equal weights) is separate and composes with any
@@ -241,6 +258,179 @@ def reinforce_loss(
 
 
 reinforce_loss.zero_at_zero_advantage = True  # -0 * logp == 0, gradient 0
+
+
+@register_policy_loss("gmpo")
+def gmpo_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cfg
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Geometric-Mean Policy Optimization, Zhao et al. 2025 (arXiv:2507.20673), the GMPO objective
+    (``J_GMPO``, the paper's main equation):
+    the arithmetic mean of the clipped token ratios of GRPO is replaced by their geometric mean,
+
+        ``J_i = |A_i| * sgn(A_i) * (prod_t min(rho_t sgn(A_i), clip(rho_t, e^-eps_low, e^eps_high) sgn(A_i)))^(1/|o_i|)``
+
+    computed in log space: per token ``l_t = sgn(A) min(sgn(A) log rho_t, sgn(A) clip(log rho_t, -eps_low,
+    eps_high))`` (the clip binds only in the advantage's direction, as PPO's min does), the sequence ratio
+    ``s_i = exp(1/|o_i| sum_t l_t)`` and the loss ``-A_i s_i``. ``eps_low = cfg.clip_eps_low`` and
+    ``eps_high = cfg.clip_eps_high`` bound the *log*-ratio (the paper's range ``(e^-0.4, e^0.4)`` is
+    ``0.4 / 0.4``). The gradient w.r.t. ``logp_t`` is ``-A_i s_i / |o_i|`` on unclipped tokens and 0 on
+    clipped ones: every token of a sequence is scaled by the same geometric-mean ratio, so one
+    outlier token cannot dominate (the paper's stability argument).
+
+    Sequence-level like GSPO: every token carries the row's loss ``-A_i s_i``, so
+    ``loss_agg: seq_mean_token_mean`` gives ``-1/G sum_i A_i s_i`` (validation requires it).
+    ``A_i`` = the mean of the advantages over the row's valid tokens (outcome estimators give one
+    value per row). Stats: ``clipped`` (the token's log-ratio was clipped), ``ratio`` (``s_i``).
+    """
+    adv_tok = _token_advantages(advantages, logprobs)
+    m = mask.to(logprobs.dtype)
+    lengths = m.sum(-1).clamp(min=1.0)
+    adv = (adv_tok.expand_as(logprobs) * m).sum(-1) / lengths  # [B] sequence advantage
+    sign = torch.sign(adv)[:, None]
+    log_ratio = (logprobs - old_logprobs).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    clamped = log_ratio.clamp(-cfg.clip_eps_low, cfg.clip_eps_high)
+    token_term = sign * torch.minimum(sign * log_ratio, sign * clamped)  # gradient 0 where the clamp binds
+    seq_ratio = torch.exp((token_term * m).sum(-1) / lengths)  # s_i, [B]
+    loss = (-adv * seq_ratio)[:, None].expand_as(logprobs)
+    is_clipped = (sign * clamped < sign * log_ratio) & (m > 0)
+    stats = {"clipped": is_clipped.to(m.dtype), "ratio": seq_ratio.detach()[:, None] * m}
+    return loss, stats
+
+
+gmpo_loss.zero_at_zero_advantage = True  # -0 * s_i == 0 and its gradient too
+
+
+@register_policy_loss("sapo")
+def sapo_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cfg
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Soft Adaptive Policy Optimization, Gao et al. 2025 (Qwen; arXiv:2511.20347), the SAPO objective
+    and its gate ``f_{i,t}``: the hard clip is replaced by a smooth, temperature-controlled gate of the token ratio,
+
+        ``loss_t = -f(rho_t) A_t``,  ``f(rho) = (4 / tau) sigmoid(tau (rho - 1))``,
+
+    with ``tau = cfg.sapo_tau_pos`` where ``A_t > 0`` and ``cfg.sapo_tau_neg`` otherwise (the paper:
+    1.0 and 1.05; a larger ``tau_neg`` damps negative updates faster). The gradient w.r.t. ``logp_t`` is
+    ``-A_t rho_t 4 p (1 - p)``, ``p = sigmoid(tau (rho_t - 1))``: exactly the policy gradient at
+    ``rho = 1`` (``4 * 1/4 = 1``), decaying smoothly as the ratio leaves 1 instead of dropping to 0 at a
+    clip boundary. The paper averages per sequence (``loss_agg: seq_mean_token_mean``).
+    ``clip_eps_*`` are not used. Stats: ``clipped`` (always 0: nothing is hard-clipped), ``ratio``,
+    ``gate`` (``4 p (1 - p)``, the gradient's attenuation).
+    """
+    adv = _token_advantages(advantages, logprobs)
+    m = mask.to(logprobs.dtype)
+    ratio = _ratio(logprobs, old_logprobs)
+    tau = torch.where(adv > 0, torch.full_like(ratio, cfg.sapo_tau_pos), torch.full_like(ratio, cfg.sapo_tau_neg))
+    p = torch.sigmoid(tau * (ratio - 1.0))
+    loss = -(4.0 / tau) * p * adv
+    stats = {"clipped": torch.zeros_like(m), "ratio": ratio.detach() * m, "gate": (4.0 * p * (1.0 - p)).detach() * m}
+    return loss, stats
+
+
+sapo_loss.zero_at_zero_advantage = True  # -f(rho) * 0 == 0, gradient 0
+
+DPPO_DIVERGENCES = ("binary_tv", "binary_kl")
+
+
+def dppo_divergence(logprobs: Tensor, old_logprobs: Tensor, kind: str) -> Tensor:
+    """Binary approximations of the divergence between the old and the current policy at the sampled
+    token (DPPO, arXiv:2602.04879, "Binary" approximation): with ``p = pi(y_t)``, ``q = pi_old(y_t)`` and the two-outcome
+    distributions ``(q, 1 - q)`` and ``(p, 1 - p)``,
+
+    * ``binary_tv``: ``|p - q|``;
+    * ``binary_kl``: ``q log(q / p) + (1 - q) log((1 - q) / (1 - p))``.
+
+    No gradient. Shapes: ``[B, T] -> [B, T]``.
+    """
+    if kind not in DPPO_DIVERGENCES:
+        raise ValueError(f"dppo divergence {kind!r} is not valid; choose one of: {', '.join(DPPO_DIVERGENCES)}")
+    with torch.no_grad():
+        lp = logprobs.detach().double().clamp(max=0.0)
+        lq = old_logprobs.detach().double().clamp(max=0.0)
+        p, q = lp.exp(), lq.exp()
+        if kind == "binary_tv":
+            return (p - q).abs().to(logprobs.dtype)
+        log1m_p = torch.log1p(-p.clamp(max=1.0 - 1e-15))
+        log1m_q = torch.log1p(-q.clamp(max=1.0 - 1e-15))
+        kl = q * (lq - lp) + (1.0 - q) * (log1m_q - log1m_p)
+        return kl.clamp(min=0.0).to(logprobs.dtype)
+
+
+@register_policy_loss("dppo")
+def dppo_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cfg
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Divergence PPO, Qi et al. 2026, "Rethinking the Trust Region in LLM Reinforcement Learning"
+    (arXiv:2602.04879), Binary-TV / Binary-KL variants: PPO's ratio clip is replaced by a trust-region
+    *mask* on the policy divergence at the sampled token,
+
+        ``loss_t = -M_t rho_t A_t``,  ``M_t = 0`` if the token left the trust region in the advantage's
+        direction: ``A_t > 0`` and ``p > q`` and ``D_t > delta_high``, or ``A_t < 0`` and ``p < q`` and
+        ``D_t > delta_low``; else ``M_t = 1``,
+
+    with ``p, q`` the current and old probability of the token, ``D_t`` = :func:`dppo_divergence`
+    (``cfg.dppo_divergence``), ``delta_low/high = cfg.dppo_delta_low/high`` (paper: 0.2 for TV,
+    0.05 for KL). ``M`` carries no gradient: inside the region the gradient is the plain importance-
+    sampled ``-rho A``; a masked token contributes 0. Unlike the ratio clip, a rare token whose
+    probability moves from 1e-5 to 1e-4 (ratio 10) stays in the region, while a frequent token moving
+    from 0.5 to 0.9 leaves it. ``clip_eps_*`` are not used.
+    Stats: ``clipped`` (masked tokens), ``ratio``, ``divergence``.
+    """
+    adv = _token_advantages(advantages, logprobs)
+    m = mask.to(logprobs.dtype)
+    ratio = _ratio(logprobs, old_logprobs)
+    div = dppo_divergence(logprobs, old_logprobs, cfg.dppo_divergence)
+    moved_up = logprobs.detach() > old_logprobs
+    moved_down = logprobs.detach() < old_logprobs
+    out = ((adv > 0) & moved_up & (div > cfg.dppo_delta_high)) | ((adv < 0) & moved_down & (div > cfg.dppo_delta_low))
+    keep = (~out).to(logprobs.dtype)
+    loss = -keep * ratio * adv
+    stats = {"clipped": out.to(m.dtype) * m, "ratio": ratio.detach() * m, "divergence": div * m}
+    return loss, stats
+
+
+dppo_loss.zero_at_zero_advantage = True  # -M * rho * 0 == 0, gradient 0
+
+
+@register_policy_loss("topr")
+def topr_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, cfg
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Tapered Off-Policy REINFORCE, Le Roux et al. 2025 (arXiv:2503.14286), the TOPR gradient
+    (``grad J_TOPR``, the paper's defining equation):
+
+        ``grad J = sum_{R(y) >= 0} R(y) grad log pi(y) + sum_{R(y) < 0} clip(pi(y) / mu(y), 0, 1) R(y) grad log pi(y)``
+
+    i.e. plain (SFT-like) REINFORCE on the positive samples, and truncated importance sampling on the
+    negative ones, with the *sequence* ratio ``pi(y) / mu(y) = exp(sum_t (logp_t - logp_old_t))`` over
+    the completion's valid tokens (``mu`` = the policy that sampled the batch). As a loss:
+
+        ``loss_t = -sg(w_i) A_t logp_t``,  ``w_i = 1`` if ``A_i >= 0`` else ``min(exp(sum_t log rho_t), 1)``
+
+    ``R(y)`` is the advantage (a baseline decides which samples count as negative, as the paper's
+    discussion of the REINFORCE baseline shows; ``A_i`` = the row's mean advantage decides the sign). The weight
+    only shrinks a negative sample's push-down once the policy already made it less likely than the
+    sampler did, so ``log pi(y)`` of a negative cannot be driven to ``-inf`` (the paper's stability
+    argument). The loss *value* contains ``logp`` (only its gradient is meaningful), as ``cispo``.
+    The paper's objective is the sequence log-likelihood (``loss_agg: seq_mean_token_sum``).
+    ``clip_eps_*`` are not used. Stats: ``clipped`` (a negative sample whose weight was truncated
+    at 1), ``ratio`` (the sequence ratio), ``weight``.
+    """
+    adv_tok = _token_advantages(advantages, logprobs)
+    m = mask.to(logprobs.dtype)
+    lengths = m.sum(-1).clamp(min=1.0)
+    seq_adv = (adv_tok.expand_as(logprobs) * m).sum(-1) / lengths
+    log_seq_ratio = ((logprobs.detach() - old_logprobs) * m).sum(-1).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    negative = seq_adv < 0
+    weight = torch.where(negative, torch.exp(log_seq_ratio.clamp(max=0.0)), torch.ones_like(seq_adv))
+    loss = -weight[:, None] * adv_tok * logprobs
+    stats = {"clipped": (negative & (log_seq_ratio > 0)).to(m.dtype)[:, None] * m,
+             "ratio": torch.exp(log_seq_ratio)[:, None] * m, "weight": weight[:, None] * m}
+    return loss, stats
+
+
+topr_loss.zero_at_zero_advantage = True  # -w * 0 * logp == 0, gradient 0
 
 
 @torch.no_grad()

@@ -29,3 +29,16 @@ def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, clip
     v_clip = old_values + torch.clamp(values - old_values, -clip, clip)
     clipped = (v_clip - returns) ** 2
     return 0.5 * torch.maximum(unclipped, clipped), (clipped > unclipped).float()
+
+
+def shared_backbone_loss(policy_loss: Tensor, value_loss: Tensor, value_coef: float) -> Tensor:
+    """The one loss of a policy and a value head that share a backbone (PPO, Schulman et al. 2017,
+    arXiv:1707.06347, eq. 9, ``L = L_CLIP - c1 L_VF + c2 S`` as a loss to minimise, the entropy term
+    being the trainer's ``entropy_coef``): ``policy_loss + value_coef * value_loss``. One backward pass
+    trains the backbone for both; ``value_coef = c1`` weighs the critic's regression against the
+    policy's objective (the paper's Atari setting uses 1, many LLM recipes 0.5 or less).
+    Both inputs are already aggregated scalars. ``value_coef`` must be >= 0.
+    """
+    if not value_coef >= 0:
+        raise ValueError(f"value_coef must be >= 0, got {value_coef}")
+    return policy_loss + float(value_coef) * value_loss

@@ -15,6 +15,22 @@ from .checks import Problems, divisors, ConfigTree
 LR_SCHEDULES = ("constant", "linear", "cosine")
 ADV_STD_SCOPES = ("group", "batch", "none")
 TIS_MODES = ("off", "clamp", "mask")
+DPPO_DIVERGENCES = ("binary_tv", "binary_kl")
+OPMD_BASELINES = ("mean", "logavgexp")
+GFPO_METRICS = ("length", "reward_per_token")
+PPO_CLIP_LOSSES = ("ppo_clip", "clip_cov", "top_entropy")  # losses built on ppo_clip (they honour dual_clip_c)
+SEQUENCE_LEVEL_LOSSES = ("gspo", "gmpo")  # one loss per sequence, broadcast over its tokens
+
+# Settings whose trainer side is not wired yet (issue 17): the pure maths is in postrl/algorithms, the
+# RL trainer does not act on them, so a config that sets them is refused rather than silently ignored.
+# Each entry: (setting, what the trainer must do). The trainer's owner removes an entry when wiring it.
+PENDING_TRAINER_HOOKS: tuple[tuple[str, str], ...] = (
+    ("algo.policy_loss=top_entropy",
+     "needs the per-token entropy of the training forward pass passed to the policy loss (entropy=...)"),
+    ("algo.distill_teacher", "needs the teacher model loaded as the KL reference (same tokenizer)"),
+    ("algo.ref_reset_every", "needs the reference model and the optimizer state reset between steps"),
+    ("critic.shared_backbone", "needs a value head on the policy model and the joint loss"),
+)
 SCORING_MODES = ("sum_then_normalize", "normalize_each_then_sum")
 STRATEGIES = ("none", "ddp", "fsdp")
 MIXED_PRECISION = ("none", "bf16")
@@ -107,6 +123,15 @@ class ScoringConfig:
     (no timeout is then possible)."""
     eps: float = 1e-6
     """Added to the group std by ``normalize_each_then_sum``."""
+    executor: str = "local"
+    """Where parallel rewards run: local (a process pool of ``workers`` processes) | ray (``workers`` Ray
+    actors, with the same timeouts and failure isolation; ``pip install 'postrl[ray]'``; docs/scaling.md)."""
+    ray_address: Optional[str] = None
+    """executor=ray: the Ray cluster to use (e.g. ``ray://head:10001``, or ``auto`` for the one this machine
+    belongs to); None = the Ray instance this process joined, else a new one on this machine."""
+    ray_batched: list[str] = field(default_factory=lambda: ["code"])
+    """executor=ray: batched rewards (by name) that also run on the actors, each batch cut into ``workers``
+    chunks (default: the code reward's sandbox); other batched rewards stay in the trainer's process."""
 
     def validate(self, p: Problems, cfg: ConfigTree) -> None:
         p.check(self.normalize in SCORING_MODES, "scoring.normalize", self.normalize,
@@ -115,6 +140,12 @@ class ScoringConfig:
         p.check(self.timeout_s > 0, "scoring.timeout_s", self.timeout_s, "must be > 0 seconds")
         p.check(self.workers >= 0, "scoring.workers", self.workers, "must be >= 0 (0 = run in the trainer's process)")
         p.check(self.eps > 0, "scoring.eps", self.eps, "must be > 0")
+        if p.choice("scoring.executor", self.executor, REWARD_EXECUTORS) and self.executor == "ray":
+            import importlib.util
+
+            p.check(self.workers >= 1, "scoring.workers", self.workers, "must be >= 1 with scoring.executor=ray")
+            p.check(importlib.util.find_spec("ray") is not None, "scoring.executor", self.executor,
+                    "needs Ray, which is not installed: pip install 'postrl[ray]'")
 
 
 @dataclass
@@ -170,6 +201,52 @@ class AlgoConfig:
     train.prompts_per_step groups remain (or max_sampling_tries batches were drawn)."""
     max_sampling_tries: int = 4
     """Cap on rollout batches drawn per step with dynamic_sampling."""
+    adv_std_unbiased: bool = False
+    """grpo / gfpo: divide by the Bessel-corrected std (n - 1), as TRL does (TRL also uses adv_eps=1e-4);
+    default false: the population std (n)."""
+    # --- entropy-collapse control (postrl/algorithms/entropy_control.py) ---
+    clip_cov_ratio: float = 2e-4
+    """clip_cov: share r of the valid tokens whose gradient is detached (Clip-Cov, paper 2e-4)."""
+    clip_cov_lb: float = 1.0
+    """clip_cov: lower bound omega_low of the covariance of a detachable token."""
+    clip_cov_ub: float = 5.0
+    """clip_cov: upper bound omega_high of the covariance of a detachable token."""
+    kl_cov_ratio: float = 2e-4
+    """kl_cov: share k of the valid tokens (largest covariance) that get the KL penalty."""
+    kl_cov_coef: float = 1.0
+    """kl_cov: weight beta of the |log ratio| penalty on the selected tokens."""
+    entropy_top_ratio: float = 0.2
+    """top_entropy: share rho of the valid tokens (highest entropy) that get a gradient."""
+    # --- ratio and clipping variants (postrl/algorithms/policy_losses.py) ---
+    sapo_tau_pos: float = 1.0
+    """sapo: gate temperature for positive advantages."""
+    sapo_tau_neg: float = 1.05
+    """sapo: gate temperature for negative advantages (larger = faster decay)."""
+    dppo_divergence: str = "binary_tv"
+    """dppo: divergence of the trust region: binary_tv | binary_kl."""
+    dppo_delta_low: float = 0.2
+    """dppo: trust-region size for negative advantages (paper: 0.2 for TV, 0.05 for KL)."""
+    dppo_delta_high: float = 0.2
+    """dppo: trust-region size for positive advantages."""
+    # --- off-policy REINFORCE family and group shaping (postrl/algorithms/advantages.py) ---
+    opmd_tau: float = 1.0
+    """opmd: mirror-descent regularisation tau (> 0)."""
+    opmd_baseline: str = "mean"
+    """opmd: group baseline: mean | logavgexp (tau log mean exp(r / tau))."""
+    asymre_baseline_shift: float = -0.1
+    """asymre: delta added to the group mean to form the baseline (< 0: positive samples weigh more)."""
+    w_reinforce_lambda: float = 0.1
+    """w_reinforce: weight lambda of the positive samples (negative samples weigh 1)."""
+    passk_k: int = 4
+    """passk: the k of the pass@k group reward (1 <= k <= rollout.n; k = 1 is GRPO)."""
+    gfpo_k: int = 4
+    """gfpo: completions kept per group (2 <= k <= rollout.n; sample rollout.n, train on k)."""
+    gfpo_metric: str = "length"
+    """gfpo: which completions are kept: length (shortest) | reward_per_token (highest reward / length)."""
+    distill_teacher: Optional[str] = None
+    """distill: model id/path of the teacher for on-policy distillation (loaded as the KL reference)."""
+    ref_reset_every: int = 0
+    """ProRL: reset the KL reference to the current policy and the optimizer state every N steps; 0 = off."""
 
     def validate(self, p: Problems, cfg: ConfigTree) -> None:
         # Imported here, not at the top: postrl.algorithms imports torch, and its modules may name
@@ -199,7 +276,38 @@ class AlgoConfig:
                 self.overlong_buffer, f"must be smaller than rollout.max_new_tokens ({max_new})")
         p.at_least("algo.overlong_penalty", self.overlong_penalty, 0)
         p.at_least("algo.max_sampling_tries", self.max_sampling_tries, 1)
+        self._check_round_two(p)
         self._check_combinations(p, cfg)
+
+    def _check_round_two(self, p: Problems) -> None:
+        """Ranges of the keys of the methods added by issue 17 (checked whether or not the method is used)."""
+        for key in ("clip_cov_ratio", "kl_cov_ratio", "entropy_top_ratio"):
+            value = getattr(self, key)
+            p.check(0 < value <= 1, f"algo.{key}", value, "must be in (0, 1] (a share of the valid tokens)")
+        if p.check(abs(self.clip_cov_lb) < float("inf"), "algo.clip_cov_lb", self.clip_cov_lb, "must be finite"):
+            p.check(self.clip_cov_ub > self.clip_cov_lb, "algo.clip_cov_ub", self.clip_cov_ub,
+                    f"must be > algo.clip_cov_lb ({self.clip_cov_lb})")
+        p.at_least("algo.kl_cov_coef", self.kl_cov_coef, 0)
+        p.check(self.sapo_tau_pos > 0, "algo.sapo_tau_pos", self.sapo_tau_pos, "must be > 0")
+        p.check(self.sapo_tau_neg > 0, "algo.sapo_tau_neg", self.sapo_tau_neg, "must be > 0")
+        p.choice("algo.dppo_divergence", self.dppo_divergence, DPPO_DIVERGENCES)
+        tv = self.dppo_divergence == "binary_tv"
+        for key in ("dppo_delta_low", "dppo_delta_high"):
+            value = getattr(self, key)
+            p.check(0 < value <= (1.0 if tv else float("inf")), f"algo.{key}", value,
+                    "must be in (0, 1] (a probability difference)" if tv else "must be > 0")
+        p.check(0 < self.opmd_tau < float("inf"), "algo.opmd_tau", self.opmd_tau, "must be > 0")
+        p.choice("algo.opmd_baseline", self.opmd_baseline, OPMD_BASELINES)
+        p.check(abs(self.asymre_baseline_shift) < float("inf"), "algo.asymre_baseline_shift",
+                self.asymre_baseline_shift, "must be finite")
+        p.check(0 <= self.w_reinforce_lambda <= 1, "algo.w_reinforce_lambda", self.w_reinforce_lambda,
+                "must be in [0, 1] (the weight of the positive samples)")
+        p.at_least("algo.passk_k", self.passk_k, 1)
+        p.at_least("algo.gfpo_k", self.gfpo_k, 1)
+        p.choice("algo.gfpo_metric", self.gfpo_metric, GFPO_METRICS)
+        p.check(self.distill_teacher is None or bool(self.distill_teacher), "algo.distill_teacher",
+                self.distill_teacher, "must be a model id or path, or null")
+        p.at_least("algo.ref_reset_every", self.ref_reset_every, 0, " (0 = off)")
 
     def _check_combinations(self, p: Problems, cfg: ConfigTree) -> None:
         """Pieces that are each valid but do not fit together. The rules name built-in methods only; a
@@ -209,11 +317,12 @@ class AlgoConfig:
              "algo.kl_in_reward=true needs algo.kl_coef > 0 (the KL penalty it puts into the reward)."),
             (self.kl_target > 0 and self.kl_coef == 0,
              "algo.kl_target (adaptive KL) needs algo.kl_coef > 0 as the starting coefficient."),
-            (self.policy_loss == "gspo" and self.loss_agg != "seq_mean_token_mean",
-             f"algo.policy_loss=gspo is a sequence-level objective (GSPO eq. 5 averages over sequences); use "
-             f"algo.loss_agg=seq_mean_token_mean, not {self.loss_agg}."),
-            (self.dual_clip_c > 0 and self.policy_loss != "ppo_clip",
-             f"algo.dual_clip_c applies to algo.policy_loss=ppo_clip only, not {self.policy_loss}."),
+            (self.policy_loss in SEQUENCE_LEVEL_LOSSES and self.loss_agg != "seq_mean_token_mean",
+             f"algo.policy_loss={self.policy_loss} is a sequence-level objective (it averages over sequences, "
+             f"one loss per sequence on every token); use algo.loss_agg=seq_mean_token_mean, not {self.loss_agg}."),
+            (self.dual_clip_c > 0 and self.policy_loss not in PPO_CLIP_LOSSES,
+             f"algo.dual_clip_c applies to the PPO-clip losses ({', '.join(PPO_CLIP_LOSSES)}) only, "
+             f"not algo.policy_loss={self.policy_loss}."),
             (self.advantage == "bnpo" and (self.kl_in_reward or self.overlong_buffer > 0),
              "algo.advantage=bnpo models binary success rates with a Beta distribution: it cannot take per-token "
              "KL rewards (algo.kl_in_reward) or overlong shaping (algo.overlong_buffer)."),
@@ -225,9 +334,58 @@ class AlgoConfig:
              "algo.advantage=remax baseline is a single greedy completion per prompt; use "
              "scoring.normalize=sum_then_normalize."),
         ]
+        refused += self._round_two_combinations(cfg)
         for bad, message in refused:
             if bad:
                 p.add(message)
+        for setting, need in PENDING_TRAINER_HOOKS:
+            if self._is_set(setting, cfg):
+                key = setting.split("=")[0]
+                hint = f"choose another {key}" if "=" in setting else f"leave {key} at its default"
+                p.add(f"{setting} is not supported by the RL trainer yet: it {need} (issue 17); {hint}.")
+
+    def _is_set(self, setting: str, cfg: ConfigTree) -> bool:
+        """Whether a PENDING_TRAINER_HOOKS setting is in use in this config."""
+        if setting == "algo.policy_loss=top_entropy":
+            return self.policy_loss == "top_entropy"
+        if setting == "algo.distill_teacher":
+            return self.distill_teacher is not None
+        if setting == "algo.ref_reset_every":
+            return self.ref_reset_every > 0
+        if setting == "critic.shared_backbone":
+            return bool(cfg.critic.shared_backbone)
+        raise KeyError(setting)
+
+    def _round_two_combinations(self, cfg: ConfigTree) -> list[tuple[bool, str]]:
+        """The combinations of issue 17's methods that cannot work, each message naming both settings."""
+        n = cfg.rollout.n
+        bounded = {"passk": "binary 0/1 rewards (the pass@k of a group)",
+                   "w_reinforce": "rewards in [0, 1] (mapped to +-1)"}
+        return [
+            (self.advantage == "passk" and self.passk_k > n,
+             f"algo.passk_k={self.passk_k} must be <= rollout.n={n} (pass@k over a group of rollout.n completions)."),
+            (self.advantage == "gfpo" and not 2 <= self.gfpo_k <= n,
+             f"algo.gfpo_k={self.gfpo_k} must be in [2, rollout.n={n}] with algo.advantage=gfpo (keep k of the "
+             f"rollout.n sampled completions; at least 2 to normalise among them)."),
+            *[(self.advantage == name and (self.kl_in_reward or self.overlong_buffer > 0),
+               f"algo.advantage={name} needs {what}: it cannot take per-token KL rewards (algo.kl_in_reward) or "
+               f"overlong shaping (algo.overlong_buffer).") for name, what in bounded.items()],
+            (self.adv_std_unbiased and self.advantage not in ("grpo", "gfpo"),
+             f"algo.adv_std_unbiased applies to the std of algo.advantage=grpo or gfpo only, not {self.advantage}."),
+            (self.adv_std_unbiased and self.advantage in ("grpo", "gfpo") and self.adv_std_scope == "none",
+             "algo.adv_std_unbiased has no std to correct with algo.adv_std_scope=none."),
+            (self.advantage == "distill" and not (self.kl_in_reward and self.kl_estimator == "k1"),
+             "algo.advantage=distill uses the per-token reward -kl_coef * k1(student, teacher): set "
+             f"algo.kl_in_reward=true and algo.kl_estimator=k1 (now {str(self.kl_in_reward).lower()} and "
+             f"{self.kl_estimator})."),
+            (self.advantage == "distill" and self.distill_teacher is None,
+             "algo.advantage=distill needs a teacher: set algo.distill_teacher (a model with the same tokenizer)."),
+            (self.advantage == "distill" and self.kl_target > 0,
+             "algo.kl_target adapts the KL coefficient, but with algo.advantage=distill algo.kl_coef is the "
+             "distillation weight; leave algo.kl_target at 0."),
+            (self.ref_reset_every > 0 and self.kl_coef == 0,
+             "algo.ref_reset_every resets the KL reference, but algo.kl_coef=0 loads none; set algo.kl_coef > 0."),
+        ]
 
 
 @dataclass
@@ -242,11 +400,16 @@ class CriticConfig:
     """Value clipping range eps_v around the rollout-time values; 0 = off."""
     warmup_steps: int = 0
     """Steps at the start during which only the critic is trained (the policy is not updated)."""
+    shared_backbone: bool = False
+    """A value head on the policy model instead of a separate critic model (one backbone, one loss)."""
+    value_coef: float = 0.5
+    """shared_backbone: weight c1 of the value loss in the joint loss policy_loss + c1 * value_loss."""
 
     def validate(self, p: Problems, cfg: ConfigTree) -> None:
         p.check(self.lr > 0, "critic.lr", self.lr, "must be > 0")
         p.at_least("critic.value_clip", self.value_clip, 0, " (0 = off)")
         p.at_least("critic.warmup_steps", self.warmup_steps, 0)
+        p.check(0 <= self.value_coef < float("inf"), "critic.value_coef", self.value_coef, "must be >= 0 and finite")
 
 
 @dataclass
@@ -319,8 +482,14 @@ class TrainConfig:
         mini = cfg.resolved_mini_batch_size
         origin = f"train.prompts_per_step={self.prompts_per_step} x rollout.n={cfg.rollout.n}"
         if rollout_batch % mini:
+            # both sizes at once, with a pair that works: the newcomer who shrinks the batch fixes both in one go
+            fit_mini = max(d for d in divisors(rollout_batch) if d <= mini)
+            fit_micro = max(d for d in divisors(fit_mini) if d <= max(1, self.micro_batch_size))
+            micro_note = ("" if not micro_ok or fit_mini % self.micro_batch_size == 0 else
+                          f" train.micro_batch_size={self.micro_batch_size} must then divide the mini batch too;")
             p.add(f"train.mini_batch_size={mini} must divide the rollout batch size {rollout_batch} "
-                  f"({origin}). Valid values: 0 (= {rollout_batch}), {', '.join(map(str, divisors(rollout_batch)))}.")
+                  f"({origin}). Valid values: 0 (= {rollout_batch}), {', '.join(map(str, divisors(rollout_batch)))}."
+                  f"{micro_note} e.g. train.mini_batch_size={fit_mini} train.micro_batch_size={fit_micro}.")
         elif micro_ok and mini % self.micro_batch_size:
             source = (f"train.mini_batch_size={mini}" if self.mini_batch_size
                       else f"train.mini_batch_size=0, i.e. the rollout batch {origin}")
