@@ -442,3 +442,21 @@ def test_training_forward_logprobs_equal_the_sampler_on_sampled_tokens(tmp_path)
         worst = max(worst, float((lp - batch.behaviour_logprobs)[m].abs().max()))
         assert sum(e.turns for e in batch.episodes) > len(batch)  # multi-turn
     assert worst < 1e-5
+
+
+def test_runner_from_config_plays_a_built_in_environment_with_tools():
+    from postrl.config.env import EnvConfig
+    from postrl.config.rl import RolloutConfig
+    from postrl.rollout.episodes import runner_from_config
+
+    tok = chat_tokenizer("qwen25")
+    backend = ScriptedBackend(tok, p_stop=0.3)
+    env_cfg = EnvConfig(name="guess_number", kwargs={"high": 5}, tools=["calculator"], max_turns=3,
+                        max_episode_tokens=400, max_active=3)
+    runner = runner_from_config(env_cfg, RolloutConfig(max_new_tokens=6, temperature=0.7), backend, tok,
+                                system_prompt="Play well.")
+    assert (runner.max_tokens_per_turn, runner.max_turns, runner.sampling.temperature) == (6, 3, 0.7)
+    batch = runner.run([EpisodeTask(seed=1), EpisodeTask(seed=2)], 2, seed=0)
+    prompt = batch.prompt_texts[0]
+    assert "Play well." in prompt and '"name": "calculator"' in prompt and "# Tools" in prompt  # via the template
+    assert all(e.turns >= 1 for e in batch.episodes) and len(backend.calls) >= 1

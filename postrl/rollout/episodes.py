@@ -57,7 +57,8 @@ import torch.nn.functional as F
 from postrl.rollout.batch import RolloutBatch
 from postrl.rollout.generator import SamplingParams
 
-__all__ = ["ChatDelta", "EpisodeBatch", "EpisodeInfo", "EpisodeRunner", "EpisodeTask", "episode_metrics"]
+__all__ = ["ChatDelta", "EpisodeBatch", "EpisodeInfo", "EpisodeRunner", "EpisodeTask", "episode_metrics",
+           "runner_from_config"]
 
 SENTINEL = "PoStRlAsSiStAnTsEnTiNeL"
 END_REASONS = ("done", "max_turns", "token_budget", "env_error", "reset_error")
@@ -500,3 +501,21 @@ class EpisodeRunner:
             turn_ids=turn_ids, anchor_ids=anchor_ids, episodes=[ep.info for ep in episodes],
         )
         return batch
+
+
+def runner_from_config(env_cfg: Any, rollout_cfg: Any, backend: Any, tokenizer: Any, *,
+                       system_prompt: Optional[str] = None,
+                       chat_template_kwargs: Optional[dict[str, Any]] = None) -> EpisodeRunner:
+    """The runner of a config: the environment (and tools) of ``env_cfg`` (an ``EnvConfig``, built here so a bad
+    name fails now), sampling from ``rollout_cfg`` (``temperature``, ``top_p``, ``top_k``, ``batch_size``;
+    ``max_new_tokens`` is the per-turn limit unless ``env.max_tokens_per_turn`` is set)."""
+    from postrl.envs import env_factory  # the environments' layer, below this one
+
+    r = rollout_cfg
+    return EpisodeRunner(
+        backend, tokenizer, env_factory(env_cfg), max_turns=env_cfg.max_turns,
+        max_tokens_per_turn=env_cfg.max_tokens_per_turn or r.max_new_tokens,
+        max_episode_tokens=env_cfg.max_episode_tokens, max_active=env_cfg.max_active,
+        sampling=SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k), system_prompt=system_prompt,
+        success_threshold=env_cfg.success_threshold, chat_template_kwargs=chat_template_kwargs,
+        batch_size=r.batch_size)
