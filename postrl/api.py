@@ -236,7 +236,7 @@ def pipeline(config: ConfigSource = None, *overrides: Any, rewards: Any = None, 
 
 def evaluate(models: Sequence[Union[str, os.PathLike, RunResult]], task: Any = None, *, n: int = 64,
              k: Optional[Sequence[int]] = None, temperature: float = 1.0, top_p: float = 1.0,
-             max_new_tokens: int = 0, batch_size: int = 256, seed: int = 0, bootstrap: int = 1000,
+             max_new_tokens: Optional[int] = None, batch_size: int = 256, seed: int = 0, bootstrap: int = 1000,
              maj_subsets: int = 32, greedy: bool = True, device: str = "auto", dtype: str = "auto",
              answer_extraction: Optional[str] = None, prompt_template: Optional[str] = None,
              system_prompt: Optional[str] = None, out: Optional[Union[str, os.PathLike]] = None,

@@ -15,6 +15,8 @@ import sys
 import postrl.commands
 
 RECIPES = importlib.import_module("postrl.commands.train").RECIPES
+CONFIG_EPILOG = ("CONFIG is a YAML recipe (recipes/*.yaml); every key, its type, default and valid values: "
+                 "docs/configuration.md. Override any key as section.key=value, e.g. train.lr=1e-5.")
 ORDER = ["train", "eval", "report", "sft", "rm", "dpo", "pipeline", "bench"]  # help listing order
 
 
@@ -30,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     modules = _commands()
     for name, mod in modules.items():
-        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        epilog = (CONFIG_EPILOG if getattr(mod, "ACCEPTS_OVERRIDES", False) else None)
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP, epilog=epilog)
         mod.add_arguments(p)
         p.set_defaults(func=mod.run)
     # parse_known_args + re-check: argparse cannot put positionals after an option into `overrides`
@@ -49,7 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # per-file "Loading weights" bars would bury postrl's own progress
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (OSError, ValueError) as exc:  # bad input that no command-specific check caught: a message, not a traceback
+        where = f" ({exc.filename})" if isinstance(exc, OSError) and exc.filename else ""
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        print(f"postrl: error: {type(exc).__name__}{where}: {detail}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("postrl: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

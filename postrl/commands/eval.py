@@ -23,7 +23,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--k", default=None, help="comma-separated k values (default: powers of two up to n)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1.0 = off)")
-    p.add_argument("--max-new-tokens", type=int, default=0,
+    p.add_argument("--max-new-tokens", type=int, default=None,
                    help="generation budget (default: 512 for champ, the run's eval budget for a run's held-out "
                         "set, else 64)")
     p.add_argument("--out", metavar="DIR",
@@ -41,6 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    # (every value is checked by EvalSettings.validate before a model or task loads)
 
 
 def _task(args):
@@ -71,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     from postrl.eval.runner import EvalError, EvalSettings, format_table, run_eval
 
     try:
+        if args.threads < 0:
+            raise EvalError(f"--threads {args.threads}: must be >= 0 (0 = leave as is)")
         if args.threads > 0:
             torch.set_num_threads(args.threads)
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import string
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +79,13 @@ class DataConfig:
             p.add("data.source='jsonl' requires data.path (a .jsonl training file).")
         p.check("{question}" in self.prompt_template, "data.prompt_template", self.prompt_template,
                 "must contain '{question}' where the question is inserted")
+        try:  # the only placeholder is {question}; anything else would fail after the model has loaded
+            fields = {f for _, f, _, _ in string.Formatter().parse(self.prompt_template) if f is not None}
+        except ValueError as exc:
+            fields = {f"<{exc}>"}
+        p.check(fields <= {"question"}, "data.prompt_template", self.prompt_template,
+                f"has placeholders {', '.join(sorted(repr(f) for f in fields - {'question'}))}; only {{question}} is "
+                "filled in (write literal braces as {{ and }})")
         p.at_least("data.train_size", self.train_size, 0 if jsonl else 1,
                    " (0 = all records, jsonl only)" if jsonl else "")
         p.at_least("data.eval_size", self.eval_size, 0)
@@ -137,6 +145,9 @@ class RunConfig:
 
     def validate(self, p: Problems, cfg: ConfigTree) -> None:
         p.check(bool(self.name), "run.name", self.name, "must not be empty")
+        p.check(not self.name or (self.name not in (".", "..") and not any(c in self.name for c in "/\\\0")),
+                "run.name", self.name, "must be a plain directory name (no '/', '\\', '.' or '..'): runs are written "
+                "inside run.output_dir")
         p.check(bool(self.output_dir), "run.output_dir", self.output_dir, "must not be empty")
         p.at_least("run.seed", self.seed, 0)
         p.at_least("run.threads", self.threads, 0, " (0 = leave as is)")

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import functools
 import logging
+import math
 import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -169,14 +170,19 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             return value
         raise _type_error(path, tp, value)
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise _type_error(path, tp, value)
+        if number is None:
+            raise _type_error(path, tp, value)
+        if not math.isfinite(number):  # no setting means anything at inf or nan (train.lr=inf trained NaN weights)
+            raise ConfigError(f"{path}: {_short_repr(value)} is not a finite number; give a finite value")
+        return number
     if isinstance(tp, type) and isinstance(value, tp):
         return value
     raise _type_error(path, tp, value)
@@ -339,6 +345,51 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
             node, tp, parent = node[slot], child_tp, here
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+
+def _no_duplicate_keys(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"key {key!r} is given twice in the same mapping (lines {seen[key]} and "
+                              f"{key_node.start_mark.line + 1}); YAML would silently keep the last one — merge them")
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The mapping of a YAML config file, with clear errors for a missing path, a directory, a file that is not
+    UTF-8 text, malformed YAML, a key given twice, or a document that is not a mapping."""
+    if path.is_dir():
+        raise ConfigError(f"Config {path} is a directory, not a YAML file (give e.g. {path / 'config.yaml'})")
+    if not path.is_file():
+        raise ConfigError(f"Config file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"Config {path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"Cannot read config {path}: {exc.strerror or exc}") from None
+    try:
+        raw = yaml.load(text, Loader=_StrictLoader)
+    except ConfigError as exc:
+        raise ConfigError(f"Config {path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Cannot parse YAML config {path}: {exc}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"Config {path} must be a mapping of sections (model:, data:, ...), got a "
+                          f"{type(raw).__name__}")
+    return raw
+
+
 def load_config(source: str | Path | Mapping[str, Any] | Config | None = None,
                 overrides: Sequence[str] = (), migrate: bool = False) -> Config:
     """Build a validated :class:`Config` from ``source``, with ``overrides`` applied.
@@ -358,13 +409,7 @@ def load_config(source: str | Path | Mapping[str, Any] | Config | None = None,
     elif isinstance(source, Mapping):
         raw = copy.deepcopy(source)  # the config must not share mutable values with the caller's dict
     else:
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"Config file not found: {path}")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"Cannot parse YAML config {path}: {exc}") from None
+        raw = read_yaml(Path(source))
     if migrate and isinstance(raw, dict):
         moved = migrate_moved_keys(raw)
         if moved:

@@ -33,6 +33,8 @@ def read_records(path: str, split: str = "train", what: str = "data") -> list[tu
     ``datasets`` reads (.json, .csv, .arrow, .txt), a directory of data files, or a hub dataset name (online
     only). ``what`` names the data in error messages ("SFT data", "preference data")."""
     p = Path(path).expanduser()
+    if p.suffix in (".jsonl", ".parquet") and p.is_dir():
+        raise DataError(f"{what} {path} is a directory, not a {p.suffix} file")
     if p.suffix in (".jsonl", ".parquet") and not p.is_file():
         raise DataError(f"{what} file not found: {path}")
     if p.suffix == ".jsonl":

@@ -285,10 +285,12 @@ def read_json_lines(path: str | os.PathLike, what: str = "JSONL file") -> list[t
     """(1-based line number, record) of every non-blank line of a JSONL file; a missing or unreadable file, a
     malformed line or a line that is not a JSON object raises DataError naming the file and line."""
     path = str(path)
+    if os.path.isdir(path):
+        raise DataError(f"{what} {path} is a directory, not a JSONL file")
     if not os.path.isfile(path):
         raise DataError(f"{what} not found: {path}")
     try:
-        with open(path, "r", encoding="utf-8") as f:
+        with open(path, "r", encoding="utf-8-sig") as f:  # a UTF-8 byte-order mark (Windows editors) is fine
             lines = list(f)
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read {what} {path}: {e}") from e

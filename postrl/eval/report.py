@@ -810,6 +810,27 @@ def render_html(data: RunData, plots: list[Plot], notes: list[str], passk_png: b
             f'{body}\n</body>\n</html>\n')
 
 
+RUN_FILES = ("config.yaml", "metrics.jsonl", "results.json", "env.json", "samples.jsonl", "eval.json",
+             "trainer_state.pt", "ref_logps.pt", "stage_done.json", "summary.txt")
+"""Files a run or an evaluation wrote: a report never replaces one of them."""
+
+
+def check_report_out(path: Path) -> None:
+    """Refuse an ``--out`` that is a directory, a run's own file (metrics, results, config, checkpoints, final
+    model), a file that is not an HTML page, or in a directory that does not exist or cannot be written."""
+    if path.is_dir():
+        raise ReportError(f"--out {path}: a directory; give the HTML file to write, e.g. {path / REPORT_FILE}")
+    if path.name in RUN_FILES or {"checkpoints", "final"} & set(path.parent.parts):
+        raise ReportError(f"--out {path}: that is a file of a run (or inside its checkpoints); a report never "
+                          f"overwrites a run's record; give a new .html path")
+    if path.exists() and path.suffix.lower() not in (".html", ".htm"):
+        raise ReportError(f"--out {path}: an existing file that is not an HTML report; give a new .html path")
+    if not path.parent.is_dir():
+        raise ReportError(f"--out {path}: the directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise ReportError(f"--out {path}: the directory {path.parent} is not writable")
+
+
 def build_report(run_dir: str | Path, eval_path: str | Path | None = None, out: str | Path | None = None,
                  write_pngs: bool = True) -> Path:
     """Write the HTML report of a run (default ``RUN_DIR/report.html``) and PNG copies of its plots in
@@ -817,6 +838,8 @@ def build_report(run_dir: str | Path, eval_path: str | Path | None = None, out: 
     not a run or unreadable run files."""
     from postrl.eval import plots as P
 
+    if out is not None:
+        check_report_out(Path(out))
     data = load_run(run_dir, eval_path)
     plots, notes = render_plots(data)
     passk_png = pass_at_k_png(parse_eval(data.eval_data)) if data.eval_data is not None else None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 
 from postrl.data.sources import CORRECT_EPS
+from postrl.run.files import write_text_atomic
 from postrl.eval.metrics import (
     distinct_correct_answers,
     distinct_n,
@@ -221,7 +223,7 @@ class EvalSettings:
     ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 0  # 0 = the task's default
+    max_new_tokens: Optional[int] = None  # None = the task's default
     batch_size: int = 256
     seed: int = 0
     bootstrap: int = 1000
@@ -241,20 +243,39 @@ class EvalSettings:
         elif bad:
             errors.append(f"k={','.join(map(str, bad))}: every k must be in [1, n={self.n}] (pass@k with k > n is "
                           f"undefined; raise --n to {max(bad)} or drop those k)")
-        if not self.temperature > 0:
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
             errors.append(f"temperature={self.temperature}: must be > 0 for sampling (greedy accuracy is "
                           "computed separately)")
-        if not 0 < self.top_p <= 1:
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             errors.append(f"top_p={self.top_p}: must be in (0, 1]")
         for name in ("batch_size", "bootstrap", "maj_subsets"):
             if getattr(self, name) < 1:
                 errors.append(f"{name}={getattr(self, name)}: must be >= 1")
-        if self.max_new_tokens < 0:
-            errors.append(f"max_new_tokens={self.max_new_tokens}: must be >= 0 (0 = the task's default)")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            errors.append(f"max_new_tokens={self.max_new_tokens}: must be >= 1 (leave it out for the task's default)")
+        if self.seed < 0:
+            errors.append(f"seed={self.seed}: must be >= 0")
+        from postrl.config import DEVICE_PATTERN, DTYPES
+
+        if not DEVICE_PATTERN.match(self.device):
+            errors.append(f"device={self.device!r}: must be one of auto, cpu, cuda, cuda:N (N a GPU index), mps")
+        if self.dtype not in DTYPES:
+            errors.append(f"dtype={self.dtype!r}: must be one of {', '.join(DTYPES)}")
         if not 0 < self.ci_level < 1:
             errors.append(f"ci_level={self.ci_level}: must be in (0, 1)")
         if errors:
             raise EvalError("invalid evaluation settings:\n  - " + "\n  - ".join(errors))
+
+
+def check_model_spec(spec: str) -> None:
+    """Refuse, before any model is evaluated, a ``--model`` that names a local path that does not exist (a
+    relative or absolute path, ``~/...``, or more than one ``/``); ``org/name`` may be a hub id and is left to
+    the loader, as are ``tiny:...`` specs."""
+    p = Path(spec).expanduser()
+    if p.exists() or spec.startswith("tiny"):
+        return
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1 or spec.endswith("/"):
+        raise EvalError(f"--model {spec}: no such model or run directory (and not a hub id of the form org/name)")
 
 
 def resolve_model(spec: str) -> tuple[str, Optional[Path]]:
@@ -303,7 +324,7 @@ def evaluate_model(spec: str, label: str, task, settings: EvalSettings, samples_
     model, tokenizer, loaded_from = load_model_and_tokenizer(load_path, dtype=settings.dtype, device=settings.device)
     prompts = [render_prompt(tokenizer, build_messages(s, task.system_prompt, task.prompt_template))
                for s in task.problems]
-    max_new = settings.max_new_tokens or task.default_max_new_tokens
+    max_new = (settings.max_new_tokens or task.default_max_new_tokens)
     P, n = len(task.problems), settings.n
     greedy = None
     backend = build_backend("torch", model, tokenizer)
@@ -358,6 +379,16 @@ def resolve_out_dir(out: Optional[str | Path], run_dir: Optional[Path] = None) -
     if out is None:
         return fresh_dir(run_dir, "eval") if run_dir is not None else fresh_dir("runs", "eval")
     p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise EvalError(f"--out {p}: a file, not a directory; give a directory for eval.json, samples.jsonl and "
+                        "pass_at_k.png")
+    probe = p
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise EvalError(f"--out {p}: {probe} is a file, not a directory")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise EvalError(f"--out {p}: {probe} is not writable by this user")
     if (p / "config.yaml").is_file() and (p / "metrics.jsonl").is_file():
         p = p / "eval"  # a training run: keep its own samples.jsonl
     taken = [f for f in OUTPUT_FILES if (p / f).exists()]
@@ -423,25 +454,32 @@ def run_eval(model_specs: Sequence[str], task, settings: EvalSettings, out: Opti
     settings.validate()
     if not task.problems:
         raise EvalError(f"task {task.spec!r} has no problems to evaluate")
+    for spec in model_specs:  # every model before the first is evaluated (and before anything is written)
+        check_model_spec(spec)
     run_dirs = [d for d in (resolve_model(spec)[1] for spec in model_specs) if d is not None]
     out_dir = resolve_out_dir(out, run_dirs[0] if run_dirs else None)
     labels = model_labels(model_specs)
     t0 = time.time()
     models = []
-    with open(out_dir / "samples.jsonl", "w") as f:
-        for spec, label in zip(model_specs, labels):
-            models.append(evaluate_model(spec, label, task, settings, f, log))
+    samples_tmp = out_dir / ".samples.jsonl.tmp"  # renamed when every model is done: a failed evaluation
+    try:                                          # leaves nothing that blocks reusing --out
+        with open(samples_tmp, "w") as f:
+            for spec, label in zip(model_specs, labels):
+                models.append(evaluate_model(spec, label, task, settings, f, log))
+        os.replace(samples_tmp, out_dir / "samples.jsonl")
+    finally:
+        samples_tmp.unlink(missing_ok=True)
     result = {
         "task": task.spec, "task_name": task.name, "task_info": task.info, "num_problems": len(task.problems),
         "n": settings.n, "ks": list(settings.ks), "temperature": settings.temperature, "top_p": settings.top_p,
-        "max_new_tokens": settings.max_new_tokens or task.default_max_new_tokens, "seed": settings.seed,
+        "max_new_tokens": (settings.max_new_tokens or task.default_max_new_tokens), "seed": settings.seed,
         "bootstrap_resamples": settings.bootstrap, "ci_level": settings.ci_level,
         "maj_subsets": settings.maj_subsets, "prompt_template": task.prompt_template,
         "system_prompt": task.system_prompt, "answer_extraction": task.source.answer_extraction,
         "postrl_version": getattr(postrl, "__version__", None), "wall_time_s": time.time() - t0,
         "models": models,
     }
-    (out_dir / "eval.json").write_text(json.dumps(_json_safe(result), indent=2, allow_nan=False))
+    write_text_atomic(out_dir / "eval.json", json.dumps(_json_safe(result), indent=2, allow_nan=False))
     from postrl.eval.report import parse_eval, pass_at_k_png  # one plot for eval and report
 
     png = pass_at_k_png(parse_eval(_json_safe(result)))

@@ -125,6 +125,12 @@ def parse_task_spec(spec: str) -> tuple[str, dict[str, Any]]:
                 opts[key] = _value(val.strip())
         elif tail.strip() == "":
             name = head
+        elif (pairs and not os.path.exists(spec) and not re.search(r"[\\/]", head)
+              and all(re.match(r"^[A-Za-z_][\w.]*\s*(=.*)?$", p) and "." not in p.split("=")[0] for p in pairs)):
+            # `basic_arithmetic:size` (an option without a value), not a file name with a colon
+            bad = [p for p in pairs if not re.match(r"^[A-Za-z_][\w.]*\s*=", p)]
+            raise TaskSpecError(f"task spec {spec!r}: options after ':' must be key=value, got "
+                                f"{', '.join(repr(b) for b in bad)}; {SPEC_HELP}")
     if not name:
         raise TaskSpecError(f"task spec {spec!r} has no task name; {SPEC_HELP}")
     return name, opts

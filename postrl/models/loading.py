@@ -186,6 +186,13 @@ def tiny_model_from_spec(spec: str, cache_dir: str | Path | None = None) -> Path
             raise ModelLoadError(f"model.name_or_path={spec!r}: bad tiny model option {item!r}; use tiny or "
                                  f"tiny:key=N,... with keys {', '.join(TINY_KEYS)} (e.g. tiny:seed=1,hidden_size=64).")
         kwargs[key] = int(value)
+    hidden, heads, layers = kwargs.get("hidden_size", 64), kwargs.get("num_heads", 4), kwargs.get("num_layers", 2)
+    if min(hidden, heads, layers) < 1 or hidden % heads or (hidden // heads) % 2 or heads % max(1, heads // 2):
+        raise ModelLoadError(
+            f"model.name_or_path={spec!r}: hidden_size={hidden}, num_heads={heads}, num_layers={layers} do not make a "
+            "model: all must be >= 1, hidden_size must be a multiple of num_heads with an even quotient (the head "
+            "size, for rotary embeddings), and num_heads must be 1 or even (key/value heads = num_heads // 2); e.g. "
+            "tiny:hidden_size=64,num_heads=4")
     name = "tiny-" + "-".join(f"{k}{v}" for k, v in sorted(kwargs.items())) if kwargs else "tiny-default"
     target = Path(cache_dir or default_cache_dir()) / "models" / name
     if not (target / "config.json").is_file():

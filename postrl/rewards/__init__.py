@@ -78,9 +78,20 @@ def resolve_reward(name: str) -> RewardEntry:
     if ":" in name:
         module_name, _, attr = name.partition(":")
         try:
-            fn = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"rewards: cannot import {name!r} ({exc}); use 'package.module:function'.") from exc
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            missing = getattr(exc, "name", None)
+            why = (f"module {module_name!r} is not on the Python path (run from the directory that holds it, or "
+                   "add that directory to PYTHONPATH)" if missing == module_name.split(".")[0] or missing == module_name
+                   else f"importing module {module_name!r} failed: {exc}")
+            raise ConfigError(f"rewards: cannot load {name!r}: {why}.") from exc
+        except Exception as exc:  # noqa: BLE001 - the user's module raised while importing
+            raise ConfigError(f"rewards: cannot load {name!r}: importing {module_name!r} raised "
+                              f"{type(exc).__name__}: {exc}") from exc
+        fn = getattr(module, attr, None)
+        if fn is None:
+            raise ConfigError(f"rewards: module {module_name!r} has no {attr!r} (its names: "
+                              f"{', '.join(n for n in dir(module) if not n.startswith('_'))[:200]})")
         if not callable(fn):
             raise ConfigError(f"rewards: {name!r} is not callable")
         for entry in REWARDS.values():
@@ -327,6 +338,27 @@ def _call_trl(fn: Callable[..., Any], batch: RewardBatch, kwargs: dict[str, Any]
     return fn(**args)
 
 
+
+def check_reward_kwargs(entry: RewardEntry, kwargs: Mapping[str, Any], where: str) -> None:
+    """Refuse ``kwargs`` that the reward's function (or class constructor) does not take, before anything runs:
+    otherwise every call would fail and score the failure score. ``where`` names the config entry."""
+    target = entry.fn.__init__ if entry.is_class else entry.fn
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to check
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    fixed = 1 if entry.is_class else (1 if entry.batched else 2)  # self / batch / (completion, sample)
+    names = [n for n, p in params.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    accepted = [n for n in names[fixed:] if n not in ("context",)]
+    unknown = sorted(set(kwargs) - set(accepted) - {"source"})
+    if unknown:
+        fn_name = getattr(entry.fn, "__qualname__", entry.name)
+        raise ConfigError(f"{where} ({entry.name}): {fn_name} takes no argument {', '.join(map(repr, unknown))}; "
+                          f"valid: {', '.join(accepted) or 'none'}")
+
+
 @dataclass
 class RewardResult:
     """Per-completion totals and per-reward components, plus failure and status counts.
@@ -407,6 +439,8 @@ class RewardPipeline:
                 kwargs["source"] = self.context.source
             failure = spec.failure_score if spec.failure_score is not None else self.scoring.failure_score
             timeout = spec.timeout_s or self.scoring.timeout_s
+            if not entry.trl_style:
+                check_reward_kwargs(entry, spec.kwargs, f"rewards.{i}")
             item = _Item(label, entry, float(spec.weight), kwargs, float(timeout), float(failure))
             if entry.is_class:
                 try:
@@ -421,14 +455,31 @@ class RewardPipeline:
     # ----- running each kind of reward -------------------------------------------------------------
     def _pool_for(self) -> Any:
         if self._pool is None:
-            from postrl.rewards.pool import TimeoutPool
+            if getattr(self.scoring, "executor", "local") == "ray":  # Ray actors (postrl/rewards/ray_executor.py)
+                from postrl.rewards.ray_executor import RayPool
 
-            self._pool = TimeoutPool(self.scoring.workers)
+                self._pool = RayPool(self.scoring.workers, self.scoring.ray_address)
+            else:
+                from postrl.rewards.pool import TimeoutPool
+
+                self._pool = TimeoutPool(self.scoring.workers)
         return self._pool
+
+    def _on_ray(self, item: _Item) -> bool:
+        """A batched reward that scoring.executor=ray runs on the actors (scoring.ray_batched)."""
+        s = self.scoring
+        return (getattr(s, "executor", "local") == "ray" and s.workers > 0 and item.entry.name in s.ray_batched
+                and not item.entry.trl_style)
 
     def _run_item(self, item: _Item, batch: RewardBatch) -> list[Any]:
         """Raw answers (values, Scored, or exceptions) for every completion of the batch."""
         n = len(batch)
+        if item.entry.batched and self._on_ray(item):
+            from postrl.rewards.ray_executor import RemoteRewardError
+
+            answers = self._pool_for().score_batched(item.entry.fn, item.entry.is_class, item.kwargs, batch,
+                                                     item.timeout_s)
+            return [_PoolError(a.kind, str(a)) if isinstance(a, RemoteRewardError) else a for a in answers]
         if item.entry.batched:
             if item.obj is not None:
                 call = item.obj

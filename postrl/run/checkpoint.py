@@ -13,7 +13,6 @@ and trainer state (with every rank's RNG in ``rng_ranks``), every rank its shard
 directory into place once all have written (:func:`save_checkpoint_distributed`). DCP reshards on load, so a
 checkpoint of N ranks resumes with any number of ranks and in one process (:func:`load_sharded`).
 
-
 A checkpoint is written to ``.tmp-step_000006`` and renamed into place, so a
 crash while writing never leaves a directory named ``step_*`` that is
 incomplete, and the previous checkpoint is untouched.
@@ -116,6 +115,24 @@ def publish_final(ckpt_dir: Path, run_dir: Path) -> Path:
                 shutil.copy2(f, tmp / f.name)
 
     return replace_dir_atomically(run_dir / "final", write)
+
+
+def load_weights(model: torch.nn.Module, ckpt_dir: Path) -> None:
+    """Copy the weights of checkpoint ``ckpt_dir`` (its ``*.safetensors`` files, sharded or not) into ``model``
+    in place; tied weights that are saved once (e.g. an LM head tied to the embeddings) follow their tie."""
+    from safetensors.torch import load_file
+
+    files = sorted(ckpt_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{ckpt_dir}: no *.safetensors weights")
+    missing = set(model.state_dict())
+    for f in files:
+        state = load_file(str(f))
+        model.load_state_dict(state, strict=False)
+        missing -= set(state)
+    tied = {name for name in missing if "lm_head" in name or "embed" in name}
+    if missing - tied:
+        raise KeyError(f"{ckpt_dir}: weights missing for {sorted(missing - tied)[:5]}")
 
 
 def _dcp_states(sharded: dict[str, tuple[Any, Any]]) -> dict[str, dict[str, Any]]:

@@ -19,7 +19,6 @@ Under ``torchrun`` (docs/scaling.md) every rank runs this loop in lock step: ran
 directory (config, env.json, metrics, samples, results, trackers, final/), every rank writes its part of each
 checkpoint, and a Ctrl-C on any rank stops every rank at the same step boundary.
 
-
 Every file is written atomically (checkpoints renamed into place, JSON through one writer), so a crash while
 writing never loses what was written before.
 """
@@ -39,18 +38,20 @@ from postrl.run import distributed
 from postrl.run.checkpoint import (
     SHARDED_DIR,
     STATE_FORMAT,
+    latest_checkpoint,
     load_sharded,
     load_trainer_state,
+    load_weights,
     publish_final,
     save_checkpoint,
     save_checkpoint_distributed,
     upgrade_state,
 )
-from postrl.run.dirs import new_run_dir, resume_checkpoint
+from postrl.run.dirs import check_writable_dir, new_run_dir, resume_checkpoint
 from postrl.run.errors import TrainingError
 from postrl.run.files import append_jsonl, truncate_log, write_json_atomic
 from postrl.run.interrupt import InterruptFlag
-from postrl.run.optim import stop_after_nonfinite_streak
+from postrl.run.optim import parameters_finite, stop_after_nonfinite_streak
 from postrl.run.progress import Progress
 from postrl.run.rng import rng_state, seed_everything, set_rng_state
 
@@ -70,6 +71,7 @@ class RunState:
     nonfinite_total: int = 0
     results: dict[str, Any] = field(default_factory=dict)
     wall_time_s: float = 0.0
+    no_update_steps: int = 0  # steps whose update had nothing to learn from (e.g. every advantage 0)
 
 
 @dataclass
@@ -80,6 +82,7 @@ class StepOutput:
 
     metrics: dict[str, Any]
     ok: bool = True
+    updated: bool = True  # False: nothing was learned (no gradient: e.g. every advantage 0, every row skipped)
 
 
 class Job:
@@ -90,6 +93,7 @@ class Job:
     """
 
     command = "train"  # the CLI command, for "resume with" messages
+    no_update_hint = "every gradient was zero"  # why steps may apply no update, and what to try (end-of-run warning)
     progress_fields: Optional[tuple[tuple[str, str, str], ...]] = None  # None: the RL progress fields
     model: Any = None
     tokenizer: Any = None
@@ -136,7 +140,6 @@ class Job:
         """``{name: (module, optimizer)}`` beside ``model`` / ``optimizer`` whose state is sharded under
         ``train.strategy: fsdp`` (checkpointed with torch.distributed.checkpoint, not in ``state_dict``)."""
         return {}
-
 
     def close(self) -> None:
         """Release processes and clients (reward workers, judges)."""
@@ -195,6 +198,20 @@ class Run:
         return save_checkpoint_distributed(d, self.run_dir / "checkpoints", s.step, job.model, job.tokenizer, state,
                                            keep=self.cfg.train.keep_checkpoints, sharded=sharded)
 
+    def _roll_back(self, step: int) -> None:
+        """Step ``step`` left non-finite parameters: put the model, optimizer and scheduler back to the latest
+        checkpoint (the data position goes on), or stop when there is none to go back to."""
+        ckpt = latest_checkpoint(self.run_dir / "checkpoints")
+        if ckpt is None:
+            raise TrainingError(
+                f"step {step} left non-finite parameters (NaN or inf weights) and there is no checkpoint to roll back "
+                f"to; nothing was saved. Try a lower train.lr or train.grad_clip, and train.save_every > 0.")
+        st = upgrade_state(load_trainer_state(ckpt))
+        load_weights(self.job.model, ckpt)
+        self.job.optimizer.load_state_dict(st["optimizer"])
+        self.job.scheduler.load_state_dict(st["scheduler"])
+        self.write(f"[postrl] step {step} left non-finite parameters; rolled back to {ckpt}")
+
     def _eval(self, when: str) -> dict[str, Any]:
         ev = self.job.evaluate()
         line = self.job.describe_eval(ev)
@@ -218,13 +235,19 @@ class Run:
         with InterruptFlag() as stop, self.progress:
             while not job.finished(s.step):
                 out = job.step(self)
+                if out.ok and not parameters_finite(job.model):  # whatever path led there (e.g. an overflow)
+                    self._roll_back(s.step + 1)
+                    out.ok = out.updated = False
+                    out.metrics["rolled_back"] = 1
                 if out.ok:
                     s.consecutive_nonfinite = 0
                 else:
                     s.consecutive_nonfinite += 1
                     s.nonfinite_total += 1
+                s.no_update_steps += 0 if out.ok and out.updated else 1
                 s.step += 1
-                record = {"step": s.step, **out.metrics, "nonfinite_steps": s.nonfinite_total}
+                record = {"step": s.step, **out.metrics, "nonfinite_steps": s.nonfinite_total,
+                          "updated": int(out.ok and out.updated), "no_update_steps": s.no_update_steps}
                 if every and s.step % every == 0 and not job.finished(s.step):
                     ev = self._eval(f"step {s.step}")  # logged with the step's metrics, and in results.json
                     record.update(job.eval_metrics(ev))
@@ -253,7 +276,12 @@ class Run:
         if cfg.eval.after:
             res["eval_after"] = self._eval("after training")
         s.wall_time_s = wall_before + time.time() - t_start
-        res.update(steps=s.step, wall_time_s=s.wall_time_s, nonfinite_steps=s.nonfinite_total)
+        res.update(steps=s.step, wall_time_s=s.wall_time_s, nonfinite_steps=s.nonfinite_total,
+                   no_update_steps=s.no_update_steps)
+        if s.step and s.no_update_steps * 2 > s.step:  # most of the run learned nothing: say so, and why
+            warning = (f"{s.no_update_steps} of {s.step} steps applied no update: {job.no_update_hint}")
+            res.setdefault("warnings", []).append(warning)
+            self.write(f"[postrl] warning: {warning}")
         ckpt = self.save()
         if self.main:
             publish_final(ckpt, self.run_dir)
@@ -262,6 +290,42 @@ class Run:
             self.dist.barrier()  # final/ is in place for every rank
         self.write_results()
         return res
+
+
+# what a resumed run must share with the run it continues: the model, the data and the seed (other settings,
+# such as train.steps or eval, may change; the run's config.yaml then records the new values)
+RESUME_FIXED = ("model.name_or_path", "model.revision", "data", "run.seed", "sft.path", "sft.eval_path",
+                "preference.path", "preference.eval_path", "preference.online")
+
+
+def check_resume_config(cfg: Any, run_dir: Path) -> None:
+    """Refuse to resume ``run_dir`` with a config whose model, data or seed differ from the run's own
+    ``config.yaml``: the run's record would describe something that did not happen."""
+    from postrl.config import ConfigError, load_config, to_dict
+
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        return
+    try:
+        saved = to_dict(load_config(saved_path, migrate=True))
+    except ConfigError:
+        return  # a config of another postrl version that no longer loads: the state check still applies
+    now = to_dict(cfg)
+
+    def leaves(tree: Any, key: str) -> dict[str, Any]:  # "data" -> {"data.path": ..., "data.train_size": ...}
+        for part in key.split("."):
+            tree = tree.get(part) if isinstance(tree, dict) else None
+        return {f"{key}.{k}": v for k, v in tree.items()} if isinstance(tree, dict) else {key: tree}
+
+    changed = []
+    for key in RESUME_FIXED:
+        old, new = leaves(saved, key), leaves(now, key)
+        changed += [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                    if old.get(k) != new.get(k)]
+    if changed:
+        raise TrainingError(f"--resume {run_dir}: this config differs from the run's own ({saved_path}) in what a "
+                            f"run cannot change midway: {'; '.join(changed)}. Resume with the run's config (only "
+                            "settings such as train.steps may change), or start a new run.")
 
 
 def _restore(job: Job, ckpt: Path, run_dir: Path) -> RunState:
@@ -307,6 +371,10 @@ def run_job(build: Callable[[Any, Optional[Path]], Job], cfg: Any, resume: str |
     ckpt = None
     if resume is not None:
         run_dir, ckpt = resume_checkpoint(resume)
+        check_resume_config(cfg, run_dir)
+    else:
+        check_writable_dir(run_dir if run_dir is not None else Path(cfg.run.output_dir) / cfg.run.name,
+                           "run_dir" if run_dir is not None else "run.output_dir/run.name")
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
     dist = distributed.init_distributed(cfg)  # None in one process; under torchrun: join the ranks
@@ -331,6 +399,11 @@ def _run_job(build: Callable[[Any, Optional[Path]], Job], cfg: Any, report_to: l
     try:
         if ckpt is not None:
             state = _restore(job, ckpt, run_dir)
+            if job.total_steps < state.step:
+                raise TrainingError(
+                    f"--resume {run_dir}: the run has already done {state.step} steps, more than the {job.total_steps} "
+                    f"this config plans (train.steps, or the epochs of sft/dpo/rm); nothing was changed. To train "
+                    f"further give more steps; to use the run as it is, load {run_dir / 'final'} or its checkpoint.")
         else:
             state = RunState()
             if main:

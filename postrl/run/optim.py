@@ -65,3 +65,14 @@ def stop_after_nonfinite_streak(streak: int, limit: int, step: int, checkpoints:
         raise TrainingError(
             f"{streak} {unit} in a row had a non-finite loss or gradient (last at step {step}); stopping. "
             f"Last good checkpoint: {last if last else 'none written yet'}. Try a lower train.lr or train.grad_clip.")
+
+
+@torch.no_grad()
+def parameters_finite(model: torch.nn.Module) -> bool:
+    """Whether every parameter of ``model`` is finite: one norm per tensor (a NaN or inf anywhere makes that
+    tensor's norm non-finite), so the check reads the weights once and allocates nothing of their size."""
+    params = [p for p in model.parameters()]
+    if not params:
+        return True
+    norms = torch._foreach_norm(params) if hasattr(torch, "_foreach_norm") else [p.norm() for p in params]
+    return bool(torch.isfinite(torch.stack([n.float() for n in norms])).all())

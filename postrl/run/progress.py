@@ -34,7 +34,10 @@ class Progress:
         self.total = total
 
     def format(self, record: dict[str, Any]) -> dict[str, str]:
-        return {label: fmt.format(record[key]) for label, key, fmt in self.FIELDS if key in record}
+        out = {label: fmt.format(record[key]) for label, key, fmt in self.FIELDS if key in record}
+        if record.get("no_update_steps"):  # steps that learned nothing so far: shown once there are any
+            out["no-update"] = str(record["no_update_steps"])
+        return out
 
     def update(self, record: dict[str, Any]) -> None:
         if self.bar is not None:

@@ -448,7 +448,8 @@ class PreferenceTrainer(Job):
         out = self.train_step(items, ref, batch, kl)
         dt = time.time() - t0
         return StepOutput({"epoch": epoch + 1, **extra, **out, "step_time_s": dt,
-                           "pairs_per_s": len(batch) / max(dt, 1e-9)}, ok=not out["skipped_update"])
+                           "pairs_per_s": len(batch) / max(dt, 1e-9)}, ok=not out["skipped_update"],
+                          updated=out["grad_norm"] > 0)
 
     def state_dict(self) -> dict[str, Any]:
         return {"round": self.round, "round_start_step": self.round_start_step, "round_data": self.round_data}

@@ -161,7 +161,8 @@ class RewardModelTrainer(Job):
         self.scheduler.step()
         dt = time.time() - t0
         return StepOutput({"epoch": epoch + 1, **sums, "grad_norm": float(gnorm), "lr": lr,
-                           "skipped_update": 0 if ok else 1, "step_time_s": dt, "pairs_per_s": len(batch) / dt}, ok=ok)
+                           "skipped_update": 0 if ok else 1, "step_time_s": dt, "pairs_per_s": len(batch) / dt}, ok=ok,
+                          updated=gnorm > 0)
 
 
 def train_rm(cfg: Config, resume: str | Path | None = None,

@@ -43,7 +43,7 @@ from postrl.eval.runner import flat_eval_metrics, heldout_eval
 from postrl.models.loading import load_from_config
 from postrl.models.logprobs import completion_logprobs
 from postrl.models.value import ValueModel
-from postrl.rewards import RewardContext, RewardPipeline, resolve_reward
+from postrl.rewards import RewardContext, RewardPipeline, check_reward_kwargs, resolve_reward
 from postrl.rollout.backend import build_backend
 from postrl.rollout.batch import RolloutBatch
 from postrl.rollout.generator import Generation, SamplingParams
@@ -69,8 +69,10 @@ def length_sorted_order(lengths: torch.Tensor) -> torch.Tensor:
 def check_rewards(cfg: Config) -> None:
     """Fail before any model is loaded if a reward name does not resolve (method names and their combinations
     are checked by the config's own validation; rewards live above the config and are resolved here)."""
-    for spec in cfg.rewards:
-        resolve_reward(spec.name)
+    for i, spec in enumerate(cfg.rewards):
+        entry = resolve_reward(spec.name)
+        if not entry.trl_style:
+            check_reward_kwargs(entry, spec.kwargs, f"rewards.{i}")
 
 
 class RLTrainer(Job):
@@ -78,6 +80,10 @@ class RLTrainer(Job):
     run around it. ``RLTrainer(cfg)`` builds the pieces (model, data, rewards, optimizer) and writes nothing."""
 
     command = "train"
+    no_update_hint = ("every completion of each prompt got the same reward, so every advantage was 0 (e.g. every "
+                      "reward 0: the task is too hard for the model or the budget, or the reward is wrong). Try a "
+                      "larger rollout.n or rollout.max_new_tokens, an easier task, or check the reward on a few "
+                      "completions with postrl eval.")
     skip_zero_advantage = True  # exact compute saving, see update(); tests switch it off to compare
     sort_micro_batches = True  # length-sorted micro batches in update() (same gradient up to summation order)
 
@@ -532,7 +538,8 @@ class RLTrainer(Job):
         metrics = self._metrics(batch, upd, t_gen, time.time() - t0)
         if should_log_samples(step + 1, self.total_steps):  # best/worst completions, for reports
             run.log_samples(sample_log_record(step + 1, batch, self.cfg.rollout.n))
-        return StepOutput(metrics, ok=not (upd["updates"] == 0 and upd["skipped_updates"] > 0))
+        return StepOutput(metrics, ok=not (upd["updates"] == 0 and upd["skipped_updates"] > 0),
+                          updated=upd["updates"] > 0 and upd["grad_norm"] > 0)
 
     def _metrics(self, batch: RolloutBatch, upd: dict[str, float], t_gen: float, t_step: float) -> dict[str, Any]:
         lengths = batch.lengths.float()

@@ -217,7 +217,8 @@ class SFTTrainer(Job):
         dt = time.time() - t0
         return StepOutput({"epoch": step // self.steps_per_epoch, "loss": upd["loss"], "grad_norm": upd["grad_norm"],
                            "lr": upd["lr"], "target_tokens": upd["target_tokens"], "tokens": upd["tokens"],
-                           "tokens_per_s": upd["tokens"] / max(dt, 1e-9), "step_time_s": dt}, ok=upd["ok"])
+                           "tokens_per_s": upd["tokens"] / max(dt, 1e-9), "step_time_s": dt}, ok=upd["ok"],
+                          updated=upd["grad_norm"] > 0)
 
 
 def train_sft(cfg: Config, resume: str | Path | None = None,
