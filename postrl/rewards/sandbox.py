@@ -83,6 +83,7 @@ import builtins
 import ctypes
 import marshal
 import math
+import mmap
 import os
 import resource
 import select
@@ -1063,7 +1064,8 @@ def _execute_run(kind: str, hdr: dict, workdir: str, mode: str, data_fd: int) ->
         pidfd = os.pidfd_open(primary)
     except (AttributeError, OSError, TypeError):
         pidfd = None
-    out, err = bytearray(cap), bytearray(cap)
+    # anonymous mappings: only the pages written are touched, and unmapping leaves nothing behind
+    out, err = mmap.mmap(-1, cap), mmap.mmap(-1, cap)
     n = {out_r: 0, err_r: 0}
     bufs = {out_r: out, err_r: err}
     scratch = bytearray(65536)
@@ -1181,7 +1183,9 @@ def _execute_run(kind: str, hdr: dict, workdir: str, mode: str, data_fd: int) ->
     _write_all(1, message)
     if isinstance(message, memoryview):
         message.release()
-    for buf, used in ((out, n[out_r]), (err, n[err_r]), (scratch, len(scratch)), (vbuf, nv)):
+    out.close()
+    err.close()
+    for buf, used in ((scratch, len(scratch)), (vbuf, nv)):
         _zero(buf, used)  # nothing of this run stays in G's memory for the next one
     return kind_
 
