@@ -110,6 +110,17 @@ def test_maze_wall_bump_and_invalid_action_keep_the_agent():
     assert env.pos == (0, 1) and env.render().splitlines()[0] == ".A."
 
 
+def test_maze_shaping_pays_progress_and_charges_detours():
+    env = build_env("maze", {"size": 3, "wall_prob": 0.0, "shaping": 0.1})
+    env.reset(seed=0)
+    env.pos, env.goal = (0, 0), (2, 2)
+    env.to_goal = env._distances(env.goal)
+    rewards = [env.step(m)[1] for m in ("right", "left", "up", "right", "right", "down")]
+    assert rewards == pytest.approx([0.1, -0.1, 0.0, 0.1, 0.1, 0.1])
+    assert env.step("down")[1:3] == (pytest.approx(1.1), True)
+    assert sum(rewards) == pytest.approx(0.1 * (4 - 1))  # potential difference, whatever the path
+
+
 def test_guess_number_binary_search_and_state_keys():
     env = build_env("guess_number", {"low": 1, "high": 100})
     obs, info = env.reset(seed=3)

@@ -63,16 +63,21 @@ class MazeEnv(TextEnv):
     (walls with probability ``wall_prob``, start, goal at least ``min_distance`` moves away, always
     reachable) is drawn from the episode's seed. Actions: up / down / left / right (or u / d / l / r).
     Reward 1 on reaching the goal (``step_penalty`` is added to every other step); a wall bump or an
-    unreadable action leaves the agent where it is."""
+    unreadable action leaves the agent where it is. ``shaping`` > 0 adds potential-based shaping
+    (Ng et al. 1999, with the potential -shaping x moves-to-goal and no discount): +shaping for a move that
+    brings the agent one move closer to the goal, -shaping for one that takes it further, 0 for a bump; it
+    sums to shaping x (start distance - end distance) over an episode, so the best policies do not change."""
 
     observe = "full"
 
-    def __init__(self, size: int = 4, wall_prob: float = 0.2, min_distance: int = 2, step_penalty: float = 0.0):
+    def __init__(self, size: int = 4, wall_prob: float = 0.2, min_distance: int = 2, step_penalty: float = 0.0,
+                 shaping: float = 0.0):
         if size < 2:
             raise EnvError(f"maze: size must be >= 2, got {size}")
         if not 0 <= wall_prob < 0.6:
             raise EnvError(f"maze: wall_prob must be in [0, 0.6), got {wall_prob}")
         self.size, self.wall_prob, self.min_distance, self.step_penalty = size, wall_prob, min_distance, step_penalty
+        self.shaping = shaping
 
     def _distances(self, start: tuple[int, int]) -> dict[tuple[int, int], int]:
         dist = {start: 0}
@@ -105,7 +110,8 @@ class MazeEnv(TextEnv):
                 break
         else:  # pragma: no cover - practically unreachable with wall_prob < 0.6
             raise EnvError("maze: could not draw a solvable maze")
-        self.optimal = self._distances(self.pos)[self.goal]
+        self.to_goal = self._distances(self.goal)  # moves from each cell to the goal
+        self.optimal = self.to_goal[self.pos]
         intro = "Reach the goal G. Answer with one move: up, down, left or right.\n"
         return intro + self.render(), {"state_key": self.pos, "optimal_moves": self.optimal}
 
@@ -127,12 +133,14 @@ class MazeEnv(TextEnv):
         dr, dc = MOVES[move]
         nxt = (self.pos[0] + dr, self.pos[1] + dc)
         bumped = not self._open(nxt)
+        before = self.to_goal[self.pos]
         if not bumped:
             self.pos = nxt
+        shaped = self.shaping * (before - self.to_goal[self.pos])
         if self.pos == self.goal:
-            return "You reached the goal.", 1.0, True, {"success": True, "state_key": self.pos}
+            return "You reached the goal.", 1.0 + shaped, True, {"success": True, "state_key": self.pos}
         text = ("You hit a wall.\n" if bumped else "") + self.render()
-        return text, self.step_penalty, False, {"state_key": self.pos, "invalid": False}
+        return text, self.step_penalty + shaped, False, {"state_key": self.pos, "invalid": False}
 
 
 @register_env("maze_partial")
