@@ -362,3 +362,25 @@ def test_random_bad_values_for_every_key_exit_2_without_traceback_or_files(tiny_
         assert code == 2, (override, err)
         assert err.startswith("postrl: error:"), (override, err)
     assert not out_dir.exists() or not any(out_dir.iterdir())
+
+
+EVAL_BAD_FLAGS = {"--n": ["0", "-3"], "--k": ["0", "1,x", "128"], "--temperature": ["nan", "0", "-1"],
+                  "--top-p": ["0", "1.5", "nan"], "--max-new-tokens": ["0", "-5"], "--batch-size": ["0"],
+                  "--seed": ["-1"], "--bootstrap": ["0"], "--maj-subsets": ["0"], "--device": ["gpu", "cuda:x"],
+                  "--dtype": ["fp8"], "--threads": ["-2"], "--task": ["basic_arithmetic:size", "no_such_task_xyz"],
+                  "--answer-extraction": ["whatever"], "--prompt-template": ["{question} {answer}"]}
+
+
+def test_bad_values_for_every_eval_flag_exit_2_without_traceback_or_files(capsys, tmp_path):
+    out = tmp_path / "e"
+    for flag, values in EVAL_BAD_FLAGS.items():
+        for value in values:
+            argv = ["eval", "--model", "tiny", "--task", "basic_arithmetic:size=2", "--n", "4", "--out", str(out),
+                    flag, value]
+            try:
+                code, err = cli(capsys, *argv)
+            except SystemExit as exc:  # argparse's own refusal (a choice or type): exit 2 with its usage line
+                code, err = exc.code, capsys.readouterr().err
+            assert code == 2, (flag, value, err)
+            assert "error" in err, (flag, value, err)
+            assert not out.exists(), (flag, value)

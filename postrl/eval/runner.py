@@ -456,6 +456,12 @@ def run_eval(model_specs: Sequence[str], task, settings: EvalSettings, out: Opti
         raise EvalError(f"task {task.spec!r} has no problems to evaluate")
     for spec in model_specs:  # every model before the first is evaluated (and before anything is written)
         check_model_spec(spec)
+    from postrl.data import build_messages
+
+    try:  # a prompt template with a placeholder other than {question} fails here, not after the first model
+        build_messages(task.problems[0], task.system_prompt, task.prompt_template)
+    except ValueError as exc:
+        raise EvalError(f"--prompt-template: {exc}") from None
     run_dirs = [d for d in (resolve_model(spec)[1] for spec in model_specs) if d is not None]
     out_dir = resolve_out_dir(out, run_dirs[0] if run_dirs else None)
     labels = model_labels(model_specs)
