@@ -869,6 +869,10 @@ def test_test_runs_work_like_the_tests_people_write(box):
         ("def f():\n    return 1 / 0", "assert f() == 1"): "error",
         ("def f():\n    return object()", "assert f() == 1"): "assert",
         ("def f(g):\n    return g(2)", "assert f(lambda x: x) == 2"): "error",  # a test's function cannot be passed
+        # a standard-library callable named by the program runs in the program's process, not in the test's:
+        # unittest.mock._ANY() is equal to everything there, and is an opaque handle here
+        ("from unittest.mock import _ANY as f", "assert f() == 3"): "assert",
+        ("import math as m\ndef f():\n    return m.pi", "assert m.floor(f()) == 3"): "pass",  # a module: the test's copy
     }
     runs = [{"code": code, "test": test} for code, test in cases]
     results = box.run_many(runs)

@@ -53,7 +53,8 @@ find another test's code, input or expected output, not even in memory it inheri
 
 **Test runs** (``{"code": program, "test": test code, "setup": code}``): the program runs in U,
 the test in K, a fresh process that never holds the program. Every name of the test that is not
-a builtin, a standard-library module or defined by the test is asked from U; calls, attribute
+a builtin, a standard-library module or defined by the test is asked from U (a standard-library
+module there becomes K's own copy; nothing else of U ever runs in K); calls, attribute
 reads, indexing and iteration of the program's objects go to U over a pipe, and only plain data
 comes back (``None``, bool, int, float, complex, str, bytes, bytearray, list, tuple, dict, set,
 frozenset, Fraction, Decimal; an instance of a subclass of one of them crosses as its builtin base
@@ -441,24 +442,16 @@ def _recv(fd: int):
 
 
 # ----- U: the program's side of a test run ----------------------------------------------------------
-def _std_name(v):
-    """``(module, qualified name)`` when ``v`` is a standard-library module or a module-level
-    object of one (so that the test uses its own copy), else None."""
+def _std_module(v):
+    """The name of ``v`` when it is a standard-library module (the test then uses its own copy), else
+    None. Only modules: a callable named by the program would run in the checker with the test's
+    arguments, and could build objects there (``unittest.mock._ANY`` is equal to everything)."""
     t = type(v)
     if t.__name__ == "module" and t.__module__ == "builtins":
         name = getattr(v, "__name__", None)
-        return (name, "") if isinstance(name, str) and name.split(".")[0] in sys.stdlib_module_names else None
-    mod, qual = getattr(v, "__module__", None), getattr(v, "__qualname__", None)
-    if not isinstance(mod, str) or not isinstance(qual, str) or mod.split(".")[0] not in sys.stdlib_module_names:
-        return None
-    m = sys.modules.get(mod)
-    try:
-        target = m
-        for part in qual.split("."):
-            target = getattr(target, part)
-    except AttributeError:
-        return None
-    return (mod, qual) if target is v else None
+        if isinstance(name, str) and name.split(".")[0] in sys.stdlib_module_names:
+            return name
+    return None
 
 
 def _serve(main: dict, rfd: int, wfd: int) -> None:
@@ -497,8 +490,8 @@ def _serve(main: dict, rfd: int, wfd: int) -> None:
                 if req[1] not in main:
                     raise NameError(f"name {req[1]!r} is not defined")
                 v = main[req[1]]
-                std = _std_name(v)
-                out = ("std",) + std if std is not None else ("ok", v)
+                std = _std_module(v)
+                out = ("std", std) if std is not None else ("ok", v)
             elif op == "call":
                 fn, args, kwargs = req[1], req[2], req[3]
                 result = fn(*args, **kwargs)
@@ -631,7 +624,7 @@ class _Link:
             return value
         if value[0] == "exc" and len(value) == 3 and type(value[1]) is str and type(value[2]) is str:
             raise _exception(value[1], value[2])
-        if value[0] == "std" and len(value) == 3 and type(value[1]) is str and type(value[2]) is str:
+        if value[0] == "std" and len(value) == 2 and type(value[1]) is str:
             return value
         raise ProgramError("malformed answer from the program")
 
@@ -640,16 +633,12 @@ class _Link:
 
     def get(self, name: str):
         value = self.ask(("get", name))
-        if value[0] == "std":
-            mod, qual = value[1], value[2]
-            if mod.split(".")[0] not in sys.stdlib_module_names:
-                raise ProgramError(f"not a standard module: {mod!r}")
+        if value[0] == "std":  # a standard-library module: the test's own copy
+            if value[1].split(".")[0] not in sys.stdlib_module_names:
+                raise ProgramError(f"not a standard module: {value[1]!r}")
             import importlib
 
-            target = importlib.import_module(mod)
-            for part in qual.split(".") if qual else ():
-                target = getattr(target, part)
-            return target
+            return importlib.import_module(value[1])
         return value[1]
 
     def call(self, fn: Remote, args: tuple, kwargs: dict):
