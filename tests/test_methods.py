@@ -26,6 +26,19 @@ FAST = ("run.threads=1", "rollout.n=4", "rollout.max_new_tokens=2", "train.promp
     ("algo.policy_loss=cispo", "algo.clip_eps_low=1.0", "algo.clip_eps_high=4.0"),
     ("algo.policy_loss=reinforce", "algo.loss_agg=seq_mean_token_sum"),
     ("algo.dual_clip_c=3.0", "algo.tis_mode=clamp"),
+    # issue 17 (micro batches of 8 in a rollout batch of 16: the entropy-control losses select per micro batch)
+    ("algo.policy_loss=clip_cov", "algo.clip_cov_ratio=0.5", "algo.clip_cov_lb=-10", "algo.dual_clip_c=3.0"),
+    ("algo.policy_loss=kl_cov", "algo.kl_cov_ratio=0.5"),
+    ("algo.policy_loss=gmpo", "algo.loss_agg=seq_mean_token_mean", "algo.clip_eps_low=0.4", "algo.clip_eps_high=0.4"),
+    ("algo.policy_loss=sapo", "algo.loss_agg=seq_mean_token_mean"),
+    ("algo.policy_loss=dppo", "algo.dppo_divergence=binary_kl", "algo.dppo_delta_low=0.05",
+     "algo.dppo_delta_high=0.05"),
+    ("algo.policy_loss=topr", "algo.advantage=dr_grpo", "algo.loss_agg=seq_mean_token_sum"),
+    ("algo.advantage=passk", "algo.passk_k=2"),
+    ("algo.advantage=gfpo", "algo.gfpo_k=2", "algo.gfpo_metric=reward_per_token", "algo.adv_std_unbiased=true"),
+    ("algo.advantage=opmd", "algo.opmd_baseline=logavgexp", "algo.policy_loss=reinforce"),
+    ("algo.advantage=asymre", "algo.policy_loss=reinforce"),
+    ("algo.advantage=w_reinforce", "algo.policy_loss=reinforce"),
 ], ids=lambda m: m[0].split("=")[1] if "advantage" in m[0] or "policy_loss" in m[0] else "dual_clip_tis")
 def test_every_method_trains(tiny_config, method):
     run_dir, results = train(tiny_config(*FAST, *method))
