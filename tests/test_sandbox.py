@@ -880,3 +880,17 @@ def test_test_runs_work_like_the_tests_people_write(box):
     assert got == cases, [(k[1], r.verdict, r.info, r.stderr) for k, r in zip(cases, results) if got[k] != cases[k]]
     assert results[9].info["check"].startswith("NameError") and "test line 1" in results[9].info["check"]
     assert results[10].info["check"].startswith("ZeroDivisionError")
+
+
+def test_the_unsafe_workdir_is_removed_without_following_links(monkeypatch, tmp_path):
+    monkeypatch.setattr(sbx, "probe_isolation", lambda python=None: (False, "simulated"))
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "file").write_text("mine")
+    os.chmod(tmp_path, 0o755)
+    before = _sandbox_tmpdirs()
+    box = Sandbox(LIMITS, allow_unsafe=True)
+    r = box.run(f"import os\nos.symlink({str(keep)!r}, 'link')\nos.makedirs('a/b')\nopen('a/b/c', 'w').write('x')\n"
+                f"print(sorted(os.listdir('.')))")
+    assert r.status == "ok" and r.stdout.strip() == "['a', 'link']", r.stderr
+    assert _sandbox_tmpdirs() <= before and (keep / "file").read_text() == "mine"
