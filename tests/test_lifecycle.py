@@ -40,6 +40,10 @@ KINDS = {
                                       # a reward that varies within a group, so rounds have pairs
                                       "rewards=[{name: length, mode: target, unit: chars, target: 3}]"), None),
     "rm": (train_rm, "rm", (*PAIRS, "train.lr=1e-3", "run.threads=1"), 4),
+    # multi-turn episodes through the episode runner (postrl/rollout/episodes.py), with a held-out evaluation
+    "rl_env": (train, "train", ("train.steps=4", "train.lr=1e-3", "run.threads=1", "rollout.max_new_tokens=4",
+                                "env={name: maze, size: 3, max_turns: 3}", "env.max_episode_tokens=256",
+                                "algo.advantage=gigpo", "eval.after=true", "data.eval_size=4"), 4),
 }
 TIME_KEYS = {"tokens_per_s", "gen_tokens_per_s", "step_time_s", "gen_time_s", "pairs_per_s"}
 

@@ -88,6 +88,7 @@ from .rl import (
     TrainConfig,
 )
 from .schema import COMMANDS, Config, check_command, validate
+from .env import EnvConfig
 from .sft import SFTConfig
 
 __all__ = [
@@ -114,6 +115,7 @@ __all__ = [
     "RolloutConfig",
     "RunConfig",
     "SFTConfig",
+    "EnvConfig",
     "ScoringConfig",
     "StageSpec",
     "TrainConfig",

@@ -247,6 +247,9 @@ class AlgoConfig:
     """distill: model id/path of the teacher for on-policy distillation (loaded as the KL reference)."""
     ref_reset_every: int = 0
     """ProRL: reset the KL reference to the current policy and the optimizer state every N steps; 0 = off."""
+    step_adv_weight: float = 1.0
+    """gigpo (multi-turn, docs/agents.md): weight omega of the step-level advantage added to the episode-level
+    one (GiGPO eq. 8; the paper uses 1)."""
 
     def validate(self, p: Problems, cfg: ConfigTree) -> None:
         # Imported here, not at the top: postrl.algorithms imports torch, and its modules may name
@@ -308,6 +311,7 @@ class AlgoConfig:
         p.check(self.distill_teacher is None or bool(self.distill_teacher), "algo.distill_teacher",
                 self.distill_teacher, "must be a model id or path, or null")
         p.at_least("algo.ref_reset_every", self.ref_reset_every, 0, " (0 = off)")
+        p.at_least("algo.step_adv_weight", self.step_adv_weight, 0)
 
     def _check_combinations(self, p: Problems, cfg: ConfigTree) -> None:
         """Pieces that are each valid but do not fit together. The rules name built-in methods only; a
@@ -335,6 +339,18 @@ class AlgoConfig:
              "scoring.normalize=sum_then_normalize."),
         ]
         refused += self._round_two_combinations(cfg)
+        from postrl.algorithms import ADVANTAGES
+
+        needs_turns = "turn_ids" in getattr(ADVANTAGES.get(self.advantage), "requires", ())
+        env = getattr(cfg, "env", None)
+        refused += [
+            (needs_turns and not (env and env.name),
+             f"algo.advantage={self.advantage} assigns credit over the turns of multi-turn episodes: it needs an "
+             "environment (env.name, docs/agents.md); for single-turn training use grpo, rloo, ..."),
+            (bool(env and env.name) and self.overlong_buffer > 0,
+             "algo.overlong_buffer shapes single completions by length; with env.name (multi-turn episodes) limit "
+             "episodes with env.max_episode_tokens instead."),
+        ]
         for bad, message in refused:
             if bad:
                 p.add(message)

@@ -15,6 +15,7 @@ from .common import DataConfig, EvalConfig, ModelConfig, RunConfig
 from .pipeline import StageSpec, validate_stages
 from .preference import PreferenceConfig
 from .rl import AlgoConfig, CriticConfig, RewardSpec, RolloutConfig, ScoringConfig, TrainConfig, validate_rewards
+from .env import EnvConfig
 from .sft import SFTConfig
 
 COMMANDS = ("train", "grpo", "rl", "sft", "dpo", "rm", "pipeline", "eval")
@@ -38,6 +39,8 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """Multi-turn environment (agents): empty name = single-turn training (docs/agents.md)."""
     stages: list[StageSpec] = field(default_factory=list)
     """``postrl pipeline``: stages run in order, each from the previous stage's weights (docs/sft-and-pipeline.md)."""
 

@@ -207,8 +207,11 @@ class Run:
                 f"step {step} left non-finite parameters (NaN or inf weights) and there is no checkpoint to roll back "
                 f"to; nothing was saved. Try a lower train.lr or train.grad_clip, and train.save_every > 0.")
         st = upgrade_state(load_trainer_state(ckpt))
-        load_weights(self.job.model, ckpt)
-        self.job.optimizer.load_state_dict(st["optimizer"])
+        if (ckpt / SHARDED_DIR).is_dir():  # train.strategy=fsdp: every rank loads its shards of both
+            load_sharded(ckpt, {"policy": (self.job.model, self.job.optimizer)})
+        else:
+            load_weights(self.job.model, ckpt)
+            self.job.optimizer.load_state_dict(st["optimizer"])
         self.job.scheduler.load_state_dict(st["scheduler"])
         self.write(f"[postrl] step {step} left non-finite parameters; rolled back to {ckpt}")
 

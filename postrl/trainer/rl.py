@@ -66,6 +66,14 @@ def length_sorted_order(lengths: torch.Tensor) -> torch.Tensor:
     return torch.argsort(lengths, stable=True)
 
 
+def episode_returns(batch: RolloutBatch) -> torch.Tensor:
+    """The total reward of each row ``[B]``: ``rewards`` plus any per-token rewards (multi-turn episodes put
+    their earlier step rewards there), i.e. the episode return."""
+    if batch.token_rewards is None:
+        return batch.rewards
+    return batch.rewards + (batch.token_rewards * batch.loss_mask).sum(-1).to(batch.rewards.dtype)
+
+
 def check_rewards(cfg: Config) -> None:
     """Fail before any model is loaded if a reward name does not resolve (method names and their combinations
     are checked by the config's own validation; rewards live above the config and are resolved here)."""
@@ -101,6 +109,13 @@ class RLTrainer(Job):
             self.ref_model = copy.deepcopy(self.model) if checkpoint is None else load_from_config(cfg.model)[0]
             self.ref_model.eval().requires_grad_(False)
         self.backend = build_backend(cfg.rollout.backend, self.model, self.tokenizer)
+        self.episodes = None  # multi-turn environments (env.name): the episode runner replaces single completions
+        if cfg.env.name:
+            from postrl.rollout.episodes import runner_from_config
+
+            self.episodes = runner_from_config(cfg.env, cfg.rollout, self.backend, self.tokenizer,
+                                               system_prompt=cfg.data.system_prompt)
+        self.max_len = cfg.env.max_episode_tokens if cfg.env.name else cfg.rollout.max_new_tokens
         self.dist = distributed.current()  # None: one process (train.strategy=none), today's path
         self.train_model = self.model  # the module training forwards go through (a DDP wrapper under ddp)
         if self.dist is not None:  # data parallel (docs/scaling.md): this rank's prompts, wrapped models
@@ -143,9 +158,32 @@ class RLTrainer(Job):
 
     def evaluate(self) -> dict[str, Any]:
         e = self.cfg.eval  # greedy accuracy (+ pass@k with eval.n samples): the code of `postrl eval`
+        if self.episodes is not None:
+            return self.evaluate_episodes()
         return heldout_eval(self.backend, self.tokenizer, self.source, self.source.eval, self.render,
                             self.cfg.resolved_eval_max_new_tokens, e.batch_size, n=e.n, ks=e.k,
                             temperature=e.temperature, seed=self.cfg.run.seed)
+
+    def evaluate_episodes(self) -> dict[str, Any]:
+        """Greedy episodes on the held-out samples (one each, environment seeds fixed by the run seed and the
+        sample's index): ``accuracy`` = success rate, ``reward_mean`` = mean return, and the episode means."""
+        import dataclasses
+
+        from postrl.rollout.episodes import EpisodeTask, episode_metrics, runner_from_config
+
+        samples = list(self.source.eval)
+        if not samples:
+            return {"accuracy": float("nan"), "reward_mean": float("nan"), "n": 0}
+        greedy = dataclasses.replace(self.cfg.rollout, temperature=0.0)
+        runner = runner_from_config(self.cfg.env, greedy, self.backend, self.tokenizer,
+                                    system_prompt=self.cfg.data.system_prompt)
+        tasks = [EpisodeTask(sample=smp, seed=(self.cfg.run.seed * 1_000_003 + 104_729 * i) % 2**31)
+                 for i, smp in enumerate(samples)]
+        batch = runner.run(tasks, 1, seed=self.cfg.run.seed)
+        m = episode_metrics(batch)
+        return {"accuracy": m["episodes/success_rate"], "reward_mean": m["episodes/return_mean"],
+                "response_len_mean": float(batch.lengths.float().mean()), "n": len(samples),
+                **{k.split("/", 1)[1]: v for k, v in m.items() if not k.startswith("episodes/end/")}}
 
     def describe_eval(self, ev: dict[str, Any]) -> str:
         return f"held-out greedy accuracy {ev['accuracy']:.1%} (n={ev['n']})"
@@ -240,6 +278,16 @@ class RLTrainer(Job):
         batch.validate()
         return batch
 
+    def _sample_episodes(self, samples: list, seed: int, step: int) -> RolloutBatch:
+        """``n`` multi-turn episodes per sample (one group each) through the episode runner: the environment's
+        step rewards are the rewards (``rewards`` = the last step's, ``token_rewards`` the earlier ones, each on
+        the last sampled token of its turn), ``correct`` = the episode's success; ``rewards`` of the config are
+        not used. Each group's environments get a seed of (run seed, step, group)."""
+        from postrl.rollout.episodes import EpisodeTask
+
+        tasks = [EpisodeTask(sample=s, seed=(seed + 7_919 * g) % 2**31) for g, s in enumerate(samples)]
+        return self.episodes.run(tasks, self.cfg.rollout.n, seed=seed, policy_version=step)
+
     def _correct(self, texts: list[str], samples: list, components: dict[str, list[float]]) -> list[bool]:
         """Exact correctness per completion; reuses the ``task`` reward's scores when that reward is configured
         (it is the same scorer), so slow verifiers such as math-verify run once per completion, not twice."""
@@ -273,16 +321,16 @@ class RLTrainer(Job):
             base_seed = distributed.rank_seed(base_seed, self.dist.rank)
             prompts = self.sampler.next_batch(want)
             return self._sample_groups([prompts[i] for i in self.my_prompts], base_seed, step)
+        sample = self._sample_episodes if self.episodes is not None else self._sample_groups
         if not cfg.algo.dynamic_sampling:
-            return self._sample_groups(self.sampler.next_batch(want), base_seed, step)
+            return sample(self.sampler.next_batch(want), base_seed, step)
         kept: list[RolloutBatch] = []
         n_kept, tries, dropped = 0, 0, 0
         while n_kept < want and tries < cfg.algo.max_sampling_tries:
             # a seed stream of its own per try (base_seed + 7919 * k would be step s + k's seed)
-            part = self._sample_groups(self.sampler.next_batch(want), (base_seed + 1_000_000_007 * tries) % 2**62,
-                                       step)
+            part = sample(self.sampler.next_batch(want), (base_seed + 1_000_000_007 * tries) % 2**62, step)
             tries += 1
-            keep = dynamic_sampling_keep(part.rewards.float(), n).tolist()
+            keep = dynamic_sampling_keep(episode_returns(part).float(), n).tolist()
             groups = [g for g, k in enumerate(keep) if k][: want - n_kept]
             dropped += len(keep) - sum(keep)
             if groups:
@@ -290,7 +338,7 @@ class RLTrainer(Job):
                 n_kept += len(groups)
         if not kept:  # every group was uniform: train on the last batch (its advantages are all 0)
             kept = [part]
-        batch = RolloutBatch.concat(kept, self.tokenizer.pad_token_id)  # reward counters: over everything sampled
+        batch = type(kept[0]).concat(kept, self.tokenizer.pad_token_id)  # reward counters: over everything sampled
         batch.sampling_tries, batch.groups_dropped = tries, dropped
         return batch
 
@@ -341,10 +389,11 @@ class RLTrainer(Job):
                     (0, ids.shape[1] - ids[i:i + micro].shape[1])) for i in range(0, B, micro)])
         advantage_fn = self.advantage_fn if self.dist is None else partial(
             self.dist.global_advantages, self.advantage_fn, self.layout)  # batch statistics over every rank
+        turn_inputs = {name: getattr(batch, name) for name in ("turn_ids", "anchor_ids") if name in self.requires}
         adv = advantage_fn(
             rewards, loss_mask, cfg.rollout.n, a, token_rewards=token_rewards, state=self.algo_state,
             baseline_rewards=torch.tensor(base, dtype=torch.float32) if base is not None else None,
-            values=values,
+            values=values, **turn_inputs,
         ).to(self.device)
         if self.critic is not None:
             per_token = last_token_rewards(rewards.to(loss_mask.device), loss_mask)
@@ -464,7 +513,7 @@ class RLTrainer(Job):
                 mb = order[start:start + mini]
                 if self.dist is None:
                     yield mb, {"num_tokens": float(loss_mask[mb].sum()), "num_seqs": len(mb),
-                               "max_len": cfg.rollout.max_new_tokens}
+                               "max_len": self.max_len}
                     continue
                 rows = self.layout.local(mb)
                 tokens, seqs = float(loss_mask[rows].sum()), len(mb)
@@ -472,7 +521,7 @@ class RLTrainer(Job):
                     tokens = self.dist.sum(tokens)
                 else:  # per-rank normalisers (wrong unless every rank holds as many tokens; see the tests)
                     seqs = len(rows)
-                yield rows, {"num_tokens": tokens, "num_seqs": seqs, "max_len": cfg.rollout.max_new_tokens}
+                yield rows, {"num_tokens": tokens, "num_seqs": seqs, "max_len": self.max_len}
 
     def update_critic(self, prompts, ids, mask, loss_mask, old_values, returns, step: int) -> dict[str, float]:
         """Regress the value model on the GAE returns with the clipped value loss (same batching as the policy)."""
@@ -544,7 +593,7 @@ class RLTrainer(Job):
     def _metrics(self, batch: RolloutBatch, upd: dict[str, float], t_gen: float, t_step: float) -> dict[str, Any]:
         lengths = batch.lengths.float()
         gen_tokens = float(lengths.sum())
-        rewards = batch.rewards.tolist()
+        rewards = episode_returns(batch).tolist()
         record: dict[str, Any] = {
             "reward_mean": float(np.mean(rewards)),
             "reward_std": float(np.std(rewards)),
@@ -574,6 +623,10 @@ class RLTrainer(Job):
                                 "policy_frozen") or k.startswith("tis/")})
         for name, values in batch.components.items():
             record[f"reward/{name}"] = float(np.mean(values))
+        if getattr(batch, "episodes", None):  # multi-turn: success, return, turns, tool calls, how episodes ended
+            from postrl.rollout.episodes import episode_metrics
+
+            record.update(episode_metrics(batch))
         for (name, kind), count in batch.reward_errors.items():
             record[f"reward_errors/{name}/{kind}"] = count
         for name, fails in batch.failed.items():
