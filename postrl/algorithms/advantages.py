@@ -23,7 +23,7 @@ name                       advantage of token t of completion i (group g of size
                            delta_t = r_t + gamma V_{t+1} - V_t (optional whitening)      arXiv:1506.02438, eq. 16
 ``passk``                  analytic pass@k group advantage: (1 - R) / sigma for a right   Pass@k Training, Chen et
                            completion, (1 - R - C(N_neg-1, k-1)/C(N-1, k-1)) / sigma     al. 2025, arXiv:2508.10751,
-                           for a wrong one, R = 1 - C(N_neg, k)/C(N, k)                  Sec. 4
+                           for a wrong one, R = 1 - C(N_neg, k)/C(N, k)
 ``gfpo``                   GRPO over the k kept completions of each group (shortest, or  GFPO, Shrivastava et al.
                            highest reward per token), 0 for the filtered ones            2025, arXiv:2508.09726
 ``opmd``                   (r_i - b_g) / (1 + tau), b_g = mean_g r or                    OPMD (Trinity-RFT), Yao et
@@ -548,7 +548,7 @@ def _binary_groups(name: str, rewards: Tensor, group_size: int) -> Tensor:
 
 def passk_advantages(rewards: Tensor, group_size: int, k: int) -> Tensor:
     """Pass@k training, Chen et al. 2025, "Pass@k Training for Adaptively Balancing Exploration and
-    Exploitation of Large Reasoning Models" (arXiv:2508.10751), the analytic group advantage (Sec. 4).
+    Exploitation of Large Reasoning Models" (arXiv:2508.10751), the analytic group advantage of a pass@k reward.
 
     The reward of a k-subset of the ``N = group_size`` completions is its pass@k (1 if any member is
     right). Over all ``C(N, k)`` subsets, with ``N_neg`` wrong completions in the group:
@@ -583,7 +583,7 @@ GFPO_METRICS = ("length", "reward_per_token")
 
 
 def gfpo_select(rewards: Tensor, lengths: Tensor, group_size: int, k: int, metric: str = "length") -> Tensor:
-    """Group Filtered Policy Optimization, Shrivastava et al. 2025 (arXiv:2508.09726), Sec. 3: sample
+    """Group Filtered Policy Optimization, Shrivastava et al. 2025 (arXiv:2508.09726): sample
     ``G = group_size`` completions per prompt and keep the ``k`` best of each group by ``metric``:
 
     * ``"length"``: the ``k`` shortest (GFPO "Shortest k/G");
@@ -611,7 +611,7 @@ def gfpo_select(rewards: Tensor, lengths: Tensor, group_size: int, k: int, metri
 
 def gfpo_advantages(rewards: Tensor, lengths: Tensor, group_size: int, k: int, metric: str = "length",
                     eps: float = 1e-6, unbiased: bool = False) -> Tensor:
-    """GFPO advantages (arXiv:2508.09726, Sec. 3): the kept set ``S`` of each group
+    """GFPO advantages (arXiv:2508.09726): the kept set ``S`` of each group
     (:func:`gfpo_select`) is normalised on its own, ``A_i = (r_i - mean_S r) / (std_S r + eps)``
     for ``i`` in ``S``, and ``A_i = 0`` for the filtered-out completions. The std is the population
     one unless ``unbiased`` (as :func:`grpo_advantages`). Shapes: ``rewards, lengths [B] -> [B]``.
@@ -672,7 +672,7 @@ def asymre_advantages(rewards: Tensor, group_size: int, baseline_shift: float = 
 
 def w_reinforce_advantages(rewards: Tensor, lam: float = 0.1) -> Tensor:
     """W-REINFORCE, Zhu et al. 2025, "The Surprising Effectiveness of Negative Reinforcement in LLM
-    Reasoning" (arXiv:2506.01347), Sec. 5: ``L = lambda L_PSR + L_NSR`` with rewards ``+-1``, i.e. the
+    Reasoning" (arXiv:2506.01347), its weighted objective ``L = lambda L_PSR + L_NSR`` with rewards ``+-1``, i.e. the
     REINFORCE loss ``-A log pi(y|x)`` with ``A = +lambda`` for a right completion (positive sample
     reinforcement, down-weighted) and ``A = -1`` for a wrong one (negative sample reinforcement);
     the paper uses ``lambda = 0.1``.
@@ -712,7 +712,7 @@ def distillation_advantages(student_logprobs: Tensor, teacher_logprobs: Tensor, 
 def passk(rewards: Tensor, mask: Tensor, group_size: int, cfg: AlgoConfig, *,
           token_rewards: Tensor | None = None, values: Tensor | None = None,
           baseline_rewards: Tensor | None = None, state: dict[str, Any] | None = None) -> Tensor:
-    """Pass@k training (Chen et al. 2025, arXiv:2508.10751, Sec. 4, analytic advantage): each completion's
+    """Pass@k training (Chen et al. 2025, arXiv:2508.10751, analytic advantage): each completion's
     advantage under a pass@``cfg.passk_k`` group reward, broadcast over its tokens. Binary rewards only;
     refuses KL token rewards. See :func:`passk_advantages`."""
     r, valid = _prepare("passk", rewards, mask)
@@ -726,7 +726,7 @@ def passk(rewards: Tensor, mask: Tensor, group_size: int, cfg: AlgoConfig, *,
 def gfpo(rewards: Tensor, mask: Tensor, group_size: int, cfg: AlgoConfig, *,
          token_rewards: Tensor | None = None, values: Tensor | None = None,
          baseline_rewards: Tensor | None = None, state: dict[str, Any] | None = None) -> Tensor:
-    """GFPO (Shrivastava et al. 2025, arXiv:2508.09726, Sec. 3): keep the ``cfg.gfpo_k`` best completions
+    """GFPO (Shrivastava et al. 2025, arXiv:2508.09726): keep the ``cfg.gfpo_k`` best completions
     of each group by ``cfg.gfpo_metric`` (length = loss-mask tokens), normalise their rewards among
     themselves as GRPO does (``adv_eps``, ``adv_std_unbiased``), advantage 0 for the others. See
     :func:`gfpo_advantages`. The filtered completions stay in the batch with advantage 0."""
@@ -764,7 +764,7 @@ def asymre(rewards: Tensor, mask: Tensor, group_size: int, cfg: AlgoConfig, *,
 def w_reinforce(rewards: Tensor, mask: Tensor, group_size: int, cfg: AlgoConfig, *,
                 token_rewards: Tensor | None = None, values: Tensor | None = None,
                 baseline_rewards: Tensor | None = None, state: dict[str, Any] | None = None) -> Tensor:
-    """W-REINFORCE (Zhu et al. 2025, arXiv:2506.01347, Sec. 5): ``+lambda`` for a right completion,
+    """W-REINFORCE (Zhu et al. 2025, arXiv:2506.01347, ``lambda L_PSR + L_NSR``): ``+lambda`` for a right completion,
     ``-1`` for a wrong one (rewards in [0, 1] mapped to ``2 r - 1``), ``lambda = cfg.w_reinforce_lambda``,
     broadcast over tokens. Refuses KL token rewards. See :func:`w_reinforce_advantages`."""
     r, valid = _prepare("w_reinforce", rewards, mask)
