@@ -2,6 +2,8 @@
 
     python benchmarks/bench_sandbox.py            # ~1 minute
     python benchmarks/bench_sandbox.py --quick    # fewer repetitions
+    git worktree add /tmp/before <commit> && python benchmarks/bench_sandbox.py --before /tmp/before
+                                                  # + before/after, calls of both interleaved
 
 Cases: a trivial program; a test suite of 10 asserts run as one program; the same 10 asserts run
 as 10 separate plain runs in one sandbox call; the same as 10 test runs (the program in one
@@ -66,6 +68,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
     ap.add_argument("--out", default=str(HERE / "results" / "sandbox.json"))
+    ap.add_argument("--before", help="a checkout of an earlier postrl: compare its sandbox with this one, "
+                                     "their calls interleaved (fair on a shared machine)")
     args = ap.parse_args()
     n = 15 if args.quick else 50
     threads = max(2, os.cpu_count() or 1)
@@ -127,6 +131,7 @@ def main() -> int:
     add("unsafe fallback (rlimits only): trivial program", 1, lambda: check([unsafe.run("print(1)")]))
     sbx._PROBES.pop(py)
 
+    before_after = compare_with(args.before, box, n) if args.before else None
     load = os.getloadavg()
     meta = {"date": dt.datetime.now().isoformat(timespec="seconds"), "python": sys.version.split()[0],
             "platform": platform.platform(), "cpus": os.cpu_count(), "loadavg_after": load,
@@ -140,9 +145,51 @@ def main() -> int:
               f"{r['latency_ms_median']:.1f} |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    if before_after:
+        print("\n| case (interleaved) | before: runs/s (median ms/call) | after: runs/s (median ms/call) | after / before |")
+        print("|---|---:|---:|---:|")
+        for r in before_after:
+            print(f"| {r['case']} | {r['before_runs_per_s']:.1f} ({r['before_ms']:.1f}) | "
+                  f"{r['after_runs_per_s']:.1f} ({r['after_ms']:.1f}) | {r['ratio']:.2f} |")
+    out.write_text(json.dumps({"meta": meta, "rows": rows, "before_after": before_after}, indent=2) + "\n")
     print(f"\nwrote {out}")
     return 0
+
+
+def compare_with(before_dir: str, box, n: int) -> list:
+    """Median latency of the same cases on an earlier sandbox (``before_dir``) and this one, their
+    calls interleaved so that a change of load hits both alike."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sandbox_before",
+                                                  os.path.join(before_dir, "postrl", "rewards", "sandbox.py"))
+    old = importlib.util.module_from_spec(spec)
+    sys.modules["sandbox_before"] = old
+    spec.loader.exec_module(old)
+    before = old.Sandbox(old.SandboxLimits(timeout_s=5))
+    cases = [("trivial program", 1, lambda b: [b.run("print(1)")], lambda b: [b.run("print(1)")]),
+             ("10 asserts as 10 runs in one call", 10, lambda b: b.run_many([SOLUTION + a for a in ASSERTS]),
+              lambda b: b.run_many([SOLUTION + a for a in ASSERTS]))]
+    if hasattr(box, "run_test"):
+        cases.append(("10 asserts: 10 runs (before) vs 10 test runs (after)", 10,
+                      lambda b: b.run_many([SOLUTION + a for a in ASSERTS]),
+                      lambda b: b.run_many([{"code": SOLUTION, "test": a} for a in ASSERTS])))
+    out = []
+    print("comparing with", before_dir, flush=True)
+    for name, runs, f_before, f_after in cases:
+        lat = {"before": [], "after": []}
+        f_before(before), f_after(box)
+        for i in range(2 * n):
+            pair = [("before", f_before, before), ("after", f_after, box)]
+            for key, f, b in pair if i % 2 else pair[::-1]:
+                t = time.perf_counter()
+                res = f(b)
+                lat[key].append(time.perf_counter() - t)
+                assert all(r.ok for r in res), res
+        mb, ma = statistics.median(lat["before"]), statistics.median(lat["after"])
+        out.append({"case": name, "runs_per_call": runs, "calls": 2 * n, "before_ms": 1000 * mb, "after_ms": 1000 * ma,
+                    "before_runs_per_s": runs / mb, "after_runs_per_s": runs / ma, "ratio": mb / ma})
+    return out
 
 
 if __name__ == "__main__":
