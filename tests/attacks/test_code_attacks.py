@@ -30,7 +30,7 @@ def reward():
     ok, reason = sbx.probe_isolation()
     if not ok:
         pytest.skip(f"this host cannot isolate code: {reason}")
-    r = CodeReward(timeout_s=2.0, memory_mb=256, workers=2, max_output_bytes=64 * 1024)
+    r = CodeReward(timeout_s=5.0, memory_mb=256, workers=2, max_output_bytes=64 * 1024)  # slack for a loaded machine
     yield r
     r.close()
 
