@@ -408,3 +408,85 @@ def test_a_rank_that_dies_stops_the_run_naming_the_rank_and_the_last_checkpoint_
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     assert ckpt is not None and ckpt.name == "step_000002"  # step 3 never finished
     assert load_trainer_state(ckpt)["run_state"]["step"] == 2
+
+
+# ----- SFT, DPO and the reward model on 2 ranks -------------------------------------------------------------------
+
+PAIR_OPTS = ("preference.eval_size=4", "preference.max_length=64", "preference.max_prompt_length=32",
+             "preference.train_size=24", "preference.beta=0.5", "train.lr=1e-4", "run.threads=1")
+OTHER_KINDS = {  # kind: overrides (uneven shares: one rank runs a zero-weight pass)
+    "sft": ("sft.batch_size=9", "sft.micro_batch_size=1", "sft.max_length=64", "train.lr=1e-4", "run.threads=1"),
+    "dpo": (*PAIR_OPTS, "preference.batch_size=7", "preference.micro_batch_size=1"),
+    "rm": (*PAIR_OPTS, "preference.batch_size=7", "preference.micro_batch_size=1"),
+}
+
+
+def one_step(kind: str, cfg, run_dir: Path):
+    """Build the trainer of ``kind`` and take its first update; ``(gradients, parameters)`` as capture_update."""
+    from types import SimpleNamespace
+
+    from postrl.trainer.preference import PreferenceTrainer
+    from postrl.trainer.reward_model import RewardModelTrainer
+    from postrl.trainer.sft import SFTTrainer
+
+    from postrl.run.rng import seed_everything
+
+    seed_everything(cfg.run.seed)  # as run_job does: the reward model's new score head is the same everywhere
+    trainer = {"sft": SFTTrainer, "dpo": PreferenceTrainer, "rm": RewardModelTrainer}[kind](cfg)
+    run = SimpleNamespace(run_dir=run_dir, results={}, state=SimpleNamespace(step=0), write=print)
+    if kind == "dpo":
+        trainer.start(run)  # reference log-probs
+    grads: list[torch.Tensor] = []
+    step = trainer.optimizer.step
+
+    def recording_step(*a, **k):
+        grads.extend((p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
+                     for p in trainer.params)
+        return step(*a, **k)
+
+    trainer.optimizer.step = recording_step
+    if kind == "sft":
+        trainer.update(trainer.batch_rows(0))
+    else:
+        trainer.step(run)
+    d = distributed.current()
+    params = d.full_state_dict(trainer.model) if d is not None else trainer.model.state_dict()
+    trainer.close()
+    return grads, params
+
+
+def _rank_other_kinds(rank: int, world: int, cfg_dir: str, pairs: str, out_path: str, strategy: str) -> None:
+    from postrl.config import load_config
+
+    results = {}
+    for kind, opts in OTHER_KINDS.items():
+        distributed.activate(strategy)
+        extra = (f"preference.path={pairs}",) if kind in ("dpo", "rm") else ()
+        cfg = load_config(Path(cfg_dir) / "config.yaml", [*extra, *opts])
+        run_dir = Path(cfg_dir) / f"run-{strategy}-{kind}"
+        run_dir.mkdir(exist_ok=True)
+        results[f"{strategy}-{kind}"] = one_step(kind, cfg, run_dir)
+    if rank == 0:
+        torch.save(results, out_path)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])  # fsdp: ~45 s more
+def test_sft_dpo_rm_updates_on_two_ranks_equal_one_process(tiny_config, tmp_path, strategy):
+    from postrl.config import save_config
+    from tests.test_dpo import write_pairs
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", 32, seed=5)
+    save_config(tiny_config(), tmp_path / "config.yaml")
+    expected = {}
+    for kind, opts in OTHER_KINDS.items():
+        extra = (f"preference.path={pairs}",) if kind in ("dpo", "rm") else ()
+        (tmp_path / f"single-{kind}").mkdir()
+        expected[kind] = one_step(kind, tiny_config(*extra, *opts), tmp_path / f"single-{kind}")
+    run_ranks(_rank_other_kinds, tmp_path, str(tmp_path), str(pairs), str(tmp_path / "out.pt"), strategy)
+    got = torch.load(tmp_path / "out.pt", weights_only=False)
+    for name, (g_grads, g_params) in got.items():
+        e_grads, e_params = expected[name.split("-")[1]]
+        assert e_grads and max(float(g.abs().max()) for g in e_grads) > 0, name
+        assert _close(g_grads, e_grads), f"{name}: gradients differ from one process on the whole batch"
+        for k in e_params:
+            assert torch.allclose(g_params[k], e_params[k], atol=1e-5, rtol=1e-5), f"{name}: parameter {k}"
