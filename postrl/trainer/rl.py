@@ -228,6 +228,9 @@ class RLTrainer(Job):
         if cfg.algo.dynamic_sampling:
             raise ConfigError("algo.dynamic_sampling draws a different number of batches on each rank; it runs in "
                               "one process only (train.strategy=none) for now")
+        if self.episodes is not None:
+            raise ConfigError(f"env.name={cfg.env.name!r}: multi-turn episodes run in one process only "
+                              "(train.strategy=none) for now")
         return distributed.rl_layout(P, cfg.rollout.n, cfg.resolved_mini_batch_size, d.world_size, d.rank)
 
     def close(self) -> None:
