@@ -184,6 +184,9 @@ def test_every_recipe_learns_the_toy_task(tiny_config, name):
         toy += ["rollout.n=16", "train.prompts_per_step=8", "train.steps=250"]  # 0.797 at 150, 0.953 at 250
     if name == "passk":  # pass@4 gives a group with < 4 wrong of 8 advantage 0, so pass@1 stalls at ~0.89
         toy += ["algo.passk_k=2"]  # (k=4: 0.876 at 150, 0.884 at 250 steps); k=2: 0.973 at 150
+    if name == "top_entropy":  # one token per completion: rho = 0.2 trains on a fifth of the samples (measured
+        toy += ["algo.entropy_top_ratio=0.5", "train.steps=200"]  # through a shim that passes the entropy: 0.188
+        # at 150 steps, 0.692 at 500); rho = 0.5: 0.942 over steps 125-150, 0.995 at 250
     if name == "asymre":  # baseline 0.1 below the mean: an all-wrong group pushes its wrong samples up (+0.1), a
         toy += ["algo.dynamic_sampling=true"]  # few digits get stuck (0.818 / 0.816, seeds 0/1); dropping
         # all-equal groups (DAPO's dynamic sampling) removes that push: 0.912
