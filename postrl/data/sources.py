@@ -24,6 +24,7 @@ import random
 import threading
 from typing import Any, Optional
 
+from .answers import hedge_reason
 from .base import CORRECT_EPS, DataError, PromptSource, Sample  # noqa: F401  (CORRECT_EPS, Sample: re-exported)
 from .toy import ToySource
 
@@ -244,6 +245,16 @@ def _mv_parse(text: str, timeout: Optional[int]):
     return parsed
 
 
+def _mv_constant(text: str) -> bool:
+    """Whether math-verify reads ``text`` as a constant (a value without free symbols)."""
+    try:
+        parsed = _mv_parse(text, _mv_timeout())
+    except Exception:  # noqa: BLE001 - unparseable: not a constant
+        return False
+    value = next((p for p in parsed if not isinstance(p, str)), None)
+    return value is not None and not getattr(value, "free_symbols", {1})
+
+
 @functools.lru_cache(maxsize=65536)
 def _mv_parse_gold_cached(gold: str, timeout: Optional[int]):
     return _mv_parse(gold, timeout)
@@ -337,7 +348,8 @@ class JsonlSource(PromptSource):
     shuffled with ``seed`` and the last ``min(eval_size, len // 2)`` are held out for eval;
     otherwise eval comes from ``eval_path`` (file order, first ``eval_size``; 0 = all) and
     train from ``path`` (shuffled with ``seed``). Train is capped at ``train_size`` (0 = all).
-    Scoring uses math-verify (see :func:`math_verify_score`).
+    Scoring uses math-verify (see :func:`math_verify_score`); a hedged answer (several candidates, such as
+    ``3 or 5`` or two different ``\\boxed{}``; :func:`postrl.data.answers.hedge_reason`) scores 0.
     """
 
     def __init__(
@@ -388,6 +400,13 @@ class JsonlSource(PromptSource):
             entry=None,
             uid=f"{base}:{lineno}",
         )
+
+    def score(self, completion: str, sample: Sample, strict: bool = False) -> float:
+        extracted = self.extract(completion)
+        if extracted and hedge_reason(extracted, str(sample.answer), completion, is_constant=_mv_constant,
+                                      equal=lambda a, b: math_verify_score(a, b) >= 1.0):
+            return 0.0  # whichever candidate is right must not pay
+        return super().score(completion, sample, strict)
 
     def _score_extracted(self, extracted: str, sample: Sample) -> float:
         return math_verify_score(sample.answer, extracted)

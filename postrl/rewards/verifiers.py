@@ -31,6 +31,7 @@ import unicodedata
 from collections.abc import Sequence
 from typing import Any, Optional
 
+from postrl.data.answers import hedge_reason as data_hedge_reason
 from postrl.data.answers import ANSWER_MODES, extract_answer
 from postrl.rewards import register_reward
 from postrl.rewards.base import RewardBatch, Scored
@@ -213,80 +214,17 @@ def math_equal(gold: str, predicted: str) -> bool:
     return squash(gold) == squash(predicted)
 
 
-# Hedges: an answer that names several candidates, so that whichever is right pays. math-verify reads
-# many of them leniently (``3 \\lor 5``, ``3 = 5``, ``3 \\approx 5``, ``3 \\\\ 5`` and cases are read
-# as their last value), so they are refused before it sees them (status ``hedged``) unless the
-# ground truth itself is written that way.
-_HEDGE_TOKENS = (r"\\lor\b", r"\\vee\b", r"\\approx\b", r"\\sim\b", r"\\simeq\b", r"\\equiv\b",
-                 r"\\to\b", r"\\rightarrow\b", r"\\Rightarrow\b", r"\\implies\b", r"\\mid\b",
-                 r"\\colon\b", r"&", r"\\\\", r"\\begin\s*\{\s*(?:cases|array|aligned|gathered)",
-                 r"\bor\b", r"\\pm\b", r"\\mp\b", r"\\neq\b", r"\\ne\b")
-_HEDGE_RES = tuple(re.compile(t) for t in _HEDGE_TOKENS)
-_MATH_SEGMENT = re.compile(r"(?<!\\)\$(.+?)(?<!\\)\$|\\\((.+?)\\\)", re.DOTALL)
-
-
-def _all_boxed(text: str) -> list[str]:
-    """The contents of every ``\\boxed{...}`` / ``\\fbox{...}`` (balanced braces), in order."""
-    out, i = [], 0
-    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
-        if m.start() < i:
-            continue
-        depth, j = 1, m.end()
-        while j < len(text) and depth:
-            if text[j] == "\\" and j + 1 < len(text) and text[j + 1] in "{}":
-                j += 2
-                continue
-            depth += {"{": 1, "}": -1}.get(text[j], 0)
-            j += 1
-        if depth == 0:
-            out.append(text[m.end():j - 1].strip())
-            i = j
-    return out
-
-
-def _split_top_level(text: str, sep: str) -> list[str]:
-    parts, depth, cur = [], 0, []
-    for ch in text:
-        depth += {"{": 1, "(": 1, "[": 1, "}": -1, ")": -1, "]": -1}.get(ch, 0)
-        if ch == sep and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-        else:
-            cur.append(ch)
-    parts.append("".join(cur))
-    return [p.strip() for p in parts]
+def _is_constant(part: str) -> bool:
+    parsed = _parse_math(part, _mv_timeout()) if part else []
+    value = next((p for p in parsed if not isinstance(p, str)), None)
+    return value is not None and not getattr(value, "free_symbols", {1})
 
 
 def hedge_reason(pred: str, gold: str, scope: Optional[str] = None) -> Optional[str]:
-    """Why an extracted answer is a hedge (several candidate answers), or None.
-
-    * ``scope`` (the text the answer was taken from) holds ``\\boxed{}`` answers that differ;
-    * the answer holds math segments (``$...$``) that differ;
-    * it holds an alternative or a relation between candidates (``\\lor``, ``or``, ``\\approx``,
-      ``\\to``, ``\\pm``, ``\\\\``, ``&``, cases, ...) that the ground truth does not;
-    * it is a chain of equalities between constants that are not all equal (``3 = 5``), unless the
-      ground truth is an equation.
-    """
-    squash = functools.partial(re.sub, r"\s+", "")
-    listy = "," in gold or ";" in gold
-    if scope is not None and not listy and len({squash(b) for b in _all_boxed(scope)}) > 1:
-        return "several different \\boxed{} answers"
-    segments = {squash(a or b) for a, b in _MATH_SEGMENT.findall(pred)}
-    if not listy and len(segments) > 1:
-        return "several different math segments"
-    for rx, token in zip(_HEDGE_RES, _HEDGE_TOKENS):
-        if rx.search(pred) and not rx.search(gold):
-            return f"an alternative or relation between candidates ({token})"
-    if "=" not in gold and pred.count("=") >= 1:
-        constants = []
-        for part in _split_top_level(pred.replace("$", ""), "="):
-            parsed = _parse_math(part, _mv_timeout()) if part else []
-            value = next((p for p in parsed if not isinstance(p, str)), None)
-            if value is not None and not getattr(value, "free_symbols", {1}):
-                constants.append(part)
-        if any(not math_equal(constants[0], c) for c in constants[1:]):
-            return "an equation between different constants"
-    return None
+    """Why an extracted answer is a hedge (several candidate answers), or None: :func:`postrl.data.answers.
+    hedge_reason` (the one definition, also used by the default ``task`` reward of math data) with
+    math-verify deciding which sides of an equation are constants and whether they are equal."""
+    return data_hedge_reason(pred, gold, scope, is_constant=_is_constant, equal=math_equal)
 
 
 @register_reward("math", parallel=True)
