@@ -132,6 +132,9 @@ CASES += [
     # two epochs of two mini batches each: four updates, rows of each mini batch spread over both ranks
     ("ddp-minibatches", "ddp", case_overrides("token_mean", "grpo", ("train.mini_batch_size=8", "train.epochs=2")),
      True),
+    # the KL reference sharded like the policy; PPO's critic (GAE) sharded and trained first
+    ("fsdp-kl-reference", "fsdp", case_overrides("token_mean", "grpo", ("algo.kl_coef=0.05",)), True),
+    ("fsdp-ppo-critic", "fsdp", case_overrides("token_mean", "gae"), True),
     # per-rank token-mean: each rank divides by its own token count, DDP averages the two gradients
     ("ddp-per-rank-normaliser", "ddp", case_overrides("token_mean", "grpo"), False),
 ]
