@@ -91,8 +91,9 @@ def case_overrides(agg: str, adv: str, extra: tuple = ()) -> tuple[str, ...]:
     return (*BASE, f"algo.loss_agg={agg}", f"algo.advantage={adv}", *extra)
 
 
-def capture_update(trainer, batch) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-    """The gradients the optimizer receives in each update (full tensors) and the parameters after the step."""
+def capture_update(trainer, batch) -> tuple[list[torch.Tensor], dict[str, torch.Tensor], dict[str, float]]:
+    """The gradients the optimizer receives in each update (full tensors), the parameters after the step and the
+    update's metrics."""
     grads: list[list[torch.Tensor]] = []
     step = trainer.optimizer.step
 
@@ -102,10 +103,10 @@ def capture_update(trainer, batch) -> tuple[list[torch.Tensor], dict[str, torch.
         return step(*a, **k)
 
     trainer.optimizer.step = recording_step
-    trainer.update(batch, 0)
+    metrics = trainer.update(batch, 0)
     d = distributed.current()
     params = d.full_state_dict(trainer.model) if d is not None else trainer.model.state_dict()
-    return [g for update in grads for g in update], params
+    return [g for update in grads for g in update], params, metrics
 
 
 def _rank_updates(rank: int, world: int, cfg_dir: str, batch_path: str, cases: list, out_path: str) -> None:
@@ -119,9 +120,8 @@ def _rank_updates(rank: int, world: int, cfg_dir: str, batch_path: str, cases: l
         d.reduce_normalisers = reduce
         trainer = RLTrainer(load_config(Path(cfg_dir) / "config.yaml", list(overrides)))
         local = batch.select(trainer.layout.rows_of[rank])
-        grads, params = capture_update(trainer, local)
+        results[name] = capture_update(trainer, local)
         trainer.close()
-        results[name] = (grads, params)
     if rank == 0:
         torch.save(results, out_path)
 
@@ -135,6 +135,8 @@ CASES += [
     # the KL reference sharded like the policy; PPO's critic (GAE) sharded and trained first
     ("fsdp-kl-reference", "fsdp", case_overrides("token_mean", "grpo", ("algo.kl_coef=0.05",)), True),
     ("fsdp-ppo-critic", "fsdp", case_overrides("token_mean", "gae"), True),
+    # truncated importance sampling: the trainer's forward of the rollout policy, its statistics over both ranks
+    ("ddp-tis", "ddp", case_overrides("token_mean", "grpo", ("algo.tis_mode=clamp", "algo.tis_cap=1.05")), True),
     # per-rank token-mean: each rank divides by its own token count, DDP averages the two gradients
     ("ddp-per-rank-normaliser", "ddp", case_overrides("token_mean", "grpo"), False),
 ]
@@ -159,12 +161,15 @@ def test_two_ranks_update_equals_one_process(tiny_config, tmp_path):
     run_ranks(_rank_updates, tmp_path, str(tmp_path), str(tmp_path / "batch.pt"), CASES, str(tmp_path / "out.pt"))
     got = torch.load(tmp_path / "out.pt", weights_only=False)
     for name, _, _, reduce in CASES:
-        (g_grads, g_params), (e_grads, e_params) = got[name], expected[name]
+        (g_grads, g_params, g_metrics), (e_grads, e_params, e_metrics) = got[name], expected[name]
         assert e_grads and max(float(g.abs().max()) for g in e_grads) > 0, name
         if not reduce:  # per-rank normalisers: a different gradient (the ranks hold different token counts)
             assert not _close(g_grads, e_grads), name
             continue
         assert _close(g_grads, e_grads), f"{name}: gradients differ from one process on the whole batch"
+        # the update's metrics are those of the whole batch (sums and counts reduced over the ranks)
+        assert g_metrics.keys() == e_metrics.keys()
+        assert g_metrics == pytest.approx(e_metrics, rel=1e-4, abs=1e-6, nan_ok=True), name
         assert g_params.keys() == e_params.keys()
         for k in e_params:
             assert torch.allclose(g_params[k], e_params[k], atol=1e-5, rtol=1e-5), f"{name}: parameter {k}"
@@ -493,3 +498,36 @@ def test_sft_dpo_rm_updates_on_two_ranks_equal_one_process(tiny_config, tmp_path
         assert _close(g_grads, e_grads), f"{name}: gradients differ from one process on the whole batch"
         for k in e_params:
             assert torch.allclose(g_params[k], e_params[k], atol=1e-5, rtol=1e-5), f"{name}: parameter {k}"
+
+
+def _rank_bf16(rank: int, world: int, cfg_dir: str, batch_path: str, out_path: str) -> None:
+    from postrl.config import load_config
+    from postrl.trainer.rl import RLTrainer
+
+    distributed.activate("fsdp", "bf16")
+    trainer = RLTrainer(load_config(Path(cfg_dir) / "config.yaml",
+                                    [*case_overrides("token_mean", "grpo"), "train.strategy=fsdp",
+                                     "train.mixed_precision=bf16"]))
+    batch = torch.load(batch_path, weights_only=False).select(trainer.layout.rows_of[rank])
+    grads, params, _ = capture_update(trainer, batch)
+    dtypes = {p.dtype for p in trainer.params}
+    trainer.close()
+    if rank == 0:
+        torch.save((grads, params, dtypes), out_path)
+
+
+def test_fsdp_bf16_mixed_precision_keeps_float32_weights_and_the_gradient_direction(tiny_config, tmp_path):
+    from postrl.config import save_config
+    from postrl.trainer.rl import RLTrainer
+
+    batch = fixed_batch(tiny_config, tmp_path / "batch.pt")
+    save_config(tiny_config(), tmp_path / "config.yaml")
+    trainer = RLTrainer(tiny_config(*case_overrides("token_mean", "grpo")))
+    e_grads, _, _ = capture_update(trainer, batch)
+    trainer.close()
+    run_ranks(_rank_bf16, tmp_path, str(tmp_path), str(tmp_path / "batch.pt"), str(tmp_path / "out.pt"))
+    grads, params, dtypes = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert dtypes == {torch.float32} and all(v.dtype == torch.float32 for v in params.values())  # master weights
+    a, b = torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in e_grads])
+    cosine = float(a @ b / (a.norm() * b.norm()))
+    assert 0.99 < cosine < 1.0, cosine  # bfloat16 compute: the float32 gradient's direction, not its bits

@@ -134,6 +134,13 @@ class Dist:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
+    def max(self, value: float) -> float:
+        import torch.distributed as dist
+
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.comm_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t.item())
+
     def gather_objects(self, obj: Any) -> list[Any]:
         """``obj`` of every rank, in rank order, on every rank (pickled; for small things)."""
         import torch.distributed as dist

@@ -495,6 +495,12 @@ class RLTrainer(Job):
             out["kl_ref"] = sums["kl_ref"] / denom
             out["kl_coef"] = kl_coef
             self.kl_ctl.update(out["kl_ref"], B)
+        if self.dist is not None and tis_stats:  # over every rank's tokens: token-weighted means, the max
+            n = float((loss_mask > 0).sum())
+            keys = [k for k in tis_stats if k != "ratio_max"]
+            *totals, n_all = self.dist.sums([float(tis_stats[k]) * n for k in keys] + [n])
+            tis_stats = {**{k: t / max(n_all, 1.0) for k, t in zip(keys, totals)},
+                         "ratio_max": self.dist.max(float(tis_stats["ratio_max"]))}
         for k, v in tis_stats.items():
             out[f"tis/{k}"] = float(v)
         if critic_out is not None:
