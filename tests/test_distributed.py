@@ -531,3 +531,37 @@ def test_fsdp_bf16_mixed_precision_keeps_float32_weights_and_the_gradient_direct
     a, b = torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in e_grads])
     cosine = float(a @ b / (a.norm() * b.norm()))
     assert 0.99 < cosine < 1.0, cosine  # bfloat16 compute: the float32 gradient's direction, not its bits
+
+
+def _rank_resume_full_as_fsdp(rank: int, world: int, cfg_dir: str, ckpt: str, out_path: str) -> None:
+    from postrl.config import load_config
+    from postrl.run.lifecycle import _restore
+    from postrl.trainer.rl import RLTrainer
+
+    distributed.activate("fsdp")
+    trainer = RLTrainer(load_config(Path(cfg_dir) / "config.yaml", [*BASE, "train.strategy=fsdp"]), Path(ckpt))
+    assert _restore(trainer, Path(ckpt), Path(cfg_dir) / "single").step == 1
+    params, optim = distributed.current().full_state_dict(trainer.model), _full_optimizer_state(trainer)
+    trainer.close()
+    if rank == 0:
+        torch.save((params, optim), out_path)
+
+
+def test_checkpoint_of_one_process_resumes_with_two_fsdp_ranks(tiny_config, tmp_path):
+    from postrl.config import save_config
+    from postrl.run.checkpoint import latest_checkpoint
+    from postrl.run.lifecycle import Run, RunState
+    from postrl.trainer.rl import RLTrainer
+
+    batch = fixed_batch(tiny_config, tmp_path / "batch.pt")
+    save_config(tiny_config(), tmp_path / "config.yaml")
+    trainer = RLTrainer(tiny_config(*BASE))
+    trainer.update(batch, 0)
+    Run(trainer.cfg, trainer, tmp_path / "single", RunState(step=1)).save()
+    params, optim = trainer.model.state_dict(), _full_optimizer_state(trainer)
+    trainer.close()
+    ckpt = latest_checkpoint(tmp_path / "single" / "checkpoints")
+    run_ranks(_rank_resume_full_as_fsdp, tmp_path, str(tmp_path), str(ckpt), str(tmp_path / "out.pt"))
+    got_params, got_optim = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert all(torch.equal(got_params[k], v) for k, v in params.items())
+    assert got_optim.keys() == optim.keys() and all(torch.equal(got_optim[k], v) for k, v in optim.items())

@@ -183,6 +183,19 @@ def save_checkpoint_distributed(dist: Any, ckpt_root: Path, step: int, model, to
     return final
 
 
+def load_full_optimizer(model, optimizer, state: dict[str, Any]) -> None:
+    """Load a one-process ``optimizer.state_dict()`` (parameters by index, in the order of the model's trainable
+    parameters, as every trainer builds its optimizer) into the optimizer of an FSDP ``model``: every rank keeps
+    its shard of each state tensor."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    by_name = {"state": {names[i]: s for i, s in state["state"].items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=by_name,
+                             options=StateDictOptions(full_state_dict=True))
+
+
 def load_sharded(ckpt_dir: Path, sharded: dict[str, tuple[Any, Any]]) -> None:
     """Load ``ckpt_dir/sharded`` into ``{name: (module, optimizer)}`` in place: FSDP modules of any number of
     ranks, or plain modules (one process, DDP). Every rank calls it."""

@@ -39,6 +39,7 @@ from postrl.run.checkpoint import (
     SHARDED_DIR,
     STATE_FORMAT,
     latest_checkpoint,
+    load_full_optimizer,
     load_sharded,
     load_trainer_state,
     load_weights,
@@ -339,9 +340,11 @@ def _restore(job: Job, ckpt: Path, run_dir: Path) -> RunState:
         d = distributed.current()
         if (ckpt / SHARDED_DIR).is_dir():  # FSDP's optimizer (and critic) state, resharded to this job's ranks
             load_sharded(ckpt, {"policy": (job.model, job.optimizer), **job.sharded_modules()})
-        elif d is not None and d.strategy == "fsdp":
-            raise TrainingError(f"{ckpt} holds the full optimizer state of a run with train.strategy="
-                                f"{st.get('strategy', 'none')}; resume it with that strategy (or ddp), not fsdp")
+        elif d is not None and d.strategy == "fsdp":  # a full optimizer state (none / ddp), sharded on loading
+            if job.sharded_modules():
+                raise TrainingError(f"{ckpt} holds the full state of a run with train.strategy="
+                                    f"{st.get('strategy', 'none')} and a critic; resume it with none or ddp")
+            load_full_optimizer(job.model, job.optimizer, st["optimizer"])
         else:
             job.optimizer.load_state_dict(st["optimizer"])
         job.scheduler.load_state_dict(st["scheduler"])
