@@ -459,3 +459,137 @@ def test_chromium_renders_the_plots(report, tmp_path):
     coloured = int(((px.max(axis=-1) - px.min(axis=-1)) > 0.3).sum())
     assert non_white > 0.02, f"screenshot almost blank ({non_white:.3%} non-white pixels)"
     assert coloured > 2000, f"only {coloured} coloured pixels: the plots did not render"
+
+
+# ------------------------------------------------------------------------------------------------
+# runs with an environment: whole transcripts, sampled versus loss-masked spans, tool-call statistics
+# ------------------------------------------------------------------------------------------------
+class _SpanCollector(HTMLParser):
+    """The text inside every element with one of ``classes`` (``class -> [text, ...]``)."""
+
+    def __init__(self, classes: tuple[str, ...]):
+        super().__init__(convert_charrefs=True)
+        self.classes, self.found = classes, {c: [] for c in classes}
+        self.stack: list[str | None] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag in VOID:
+            return
+        cls = (dict(attrs).get("class") or "").split()
+        self.stack.append(next((c for c in self.classes if c in cls), None))
+        if self.stack[-1] is not None:
+            self.found[self.stack[-1]].append("")
+
+    def handle_endtag(self, tag):
+        if tag not in VOID and self.stack:
+            self.stack.pop()
+
+    def handle_data(self, data):
+        for c in self.stack:
+            if c is not None:
+                self.found[c][-1] += data
+
+
+@pytest.fixture(scope="module")
+def env_run_dir(tiny_model_dir, copy_task, tmp_path_factory) -> Path:
+    """A tiny run on the maze with the calculator tool: 3 steps, held-out episodes before and after."""
+    out = tmp_path_factory.mktemp("env_report_runs")
+    cfg = load_config(None, [
+        f"model.name_or_path={tiny_model_dir}", "data.source=jsonl", f"data.path={copy_task}", "data.eval_size=4",
+        "env={name: maze, size: 3, max_turns: 3, tools: [calculator], shaping: 0.1}", "env.max_episode_tokens=200",
+        "rollout.n=4", "rollout.max_new_tokens=3", "train.prompts_per_step=2", "train.micro_batch_size=8",
+        "train.steps=3", "algo.advantage=gigpo", "eval.before=true", "eval.after=true", f"run.output_dir={out}",
+        "run.name=env", "run.progress=false", "run.threads=1",
+    ])
+    rd, results = train(cfg)
+    assert results["steps"] == 3
+    return rd
+
+
+def test_env_run_samples_hold_whole_transcripts(env_run_dir):
+    rows = read_jsonl(env_run_dir / "samples.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        for g in r["groups"]:
+            assert g["prompt"].startswith("You can call tools") and "Reach the goal G" in g["prompt"]
+            st = g["episodes"]
+            assert 0 <= st["success_rate"] <= 1 and 1 <= st["turns_mean"] <= 3 and 0 <= st["tool_call_frac"] <= 1
+            for kind in ("best", "worst"):
+                e = g[kind]["episode"]
+                assert g[kind]["reward"] == e["return"]
+                policy = [t for t in e["transcript"] if t["role"] == "policy"]
+                assert [t["turn"] for t in policy] == list(range(e["turns"]))
+                assert [t["reward"] for t in policy] == e["turn_rewards"]
+                spans = e["spans"]
+                assert spans[0]["kind"] == "prompt" and spans[0]["text"].startswith("<|system|>")
+                assert [s["turn"] for s in spans if s["kind"] == "sampled"] == list(range(e["turns"]))
+                assert sum(s["tokens"] for s in spans if s["kind"] == "sampled") == e["sampled_tokens"]
+                assert sum(s["tokens"] for s in spans if s["kind"] == "env") == e["env_tokens"]
+            assert g["best"]["reward"] == max(g["rewards"]) and g["worst"]["reward"] == min(g["rewards"])
+
+
+def test_env_report_shows_transcripts_spans_and_tool_statistics(env_run_dir):
+    text = build_report(env_run_dir).read_text(encoding="utf-8")
+    c = check_html(text)
+    assert "<script" not in text.lower()
+    for heading in ("Episodes and tool calls", "Sample episodes"):
+        assert f">{heading}</h2>" in text
+    alts = [img["alt"] for img in c.imgs]
+    assert "Episodes: success, tool use, truncation" in alts and "Episodes: turns and tool calls" in alts
+    assert (env_run_dir / "plots" / "episodes.png").read_bytes().startswith(PNG_SIGNATURE)
+    # tool-call statistics: the episodes table and each group's line
+    assert "tool calls per episode" in text and "episodes with a tool call" in text and "tool errors" in text
+    assert "held-out success rate (greedy episodes)" in text
+    # the transcripts: every logged best/worst episode, its turns with their roles and per-turn rewards
+    rows = read_jsonl(env_run_dir / "samples.jsonl")
+    shown = [e for r in rows for g in r["groups"] for e in (g["best"]["episode"], g["worst"]["episode"])]
+    assert text.count('class="best episode"') == text.count('class="worst episode"') == len(shown) // 2
+    coll = _SpanCollector(("t-policy", "t-environment", "t-system", "tok-sampled", "tok-masked"))
+    coll.feed(text)
+    policy_turns = sum(e["turns"] for e in shown)
+    legend = 1  # the legend shows one chip / span of each kind
+    assert len(coll.found["t-policy"]) == policy_turns + legend
+    assert len(coll.found["tok-sampled"]) == policy_turns + legend
+    env_spans = sum(1 for e in shown for s in e["spans"] if s["kind"] != "sampled")
+    assert len(coll.found["tok-masked"]) == env_spans + legend
+    assert len(coll.found["t-system"]) == len(shown)  # the tool description, once per episode
+    # sampled and loss-masked tokens are styled apart, and the span texts are the logged ones, in order
+    css = re.search(r"<style>(.*)</style>", text, re.DOTALL).group(1)
+    sampled_css = re.search(r"\.tok-sampled\{([^}]*)\}", css).group(1)
+    masked_css = re.search(r"\.tok-masked\{([^}]*)\}", css).group(1)
+    assert "background" in sampled_css and "background" in masked_css and sampled_css != masked_css
+    logged = [s["text"] for e in shown for s in e["spans"] if s["kind"] == "sampled"]
+    assert coll.found["tok-sampled"][legend:] == logged
+    rewards = [f"reward {r:+.3g}" for e in shown for r in e["turn_rewards"]]
+    assert all(r in text for r in rewards)
+
+
+def test_env_report_escapes_transcripts_and_shows_tool_turns(env_run_dir, tmp_path):
+    rd = copy_run(env_run_dir, tmp_path / "r")
+    evil = "<script>alert(1)</script>"
+    episode = {"success": True, "return": 1.0, "turns": 2, "end": "done", "truncated": False, "turn_rewards": [0, 1.0],
+               "tool_calls": 1, "tool_errors": 0, "invalid_actions": 0, "env_errors": 0, "sampled_tokens": 5,
+               "env_tokens": 3,
+               "transcript": [{"role": "environment", "text": evil},
+                              {"role": "policy", "turn": 0, "reward": 0.0, "tool_calls": 1,
+                               "text": '<tool_call>{"name": "calculator"}</tool_call>'},
+                              {"role": "tool", "name": "calculator", "text": "56088"},
+                              {"role": "policy", "turn": 1, "reward": 1.0, "tool_calls": 0, "text": "56088"}],
+               "spans": [{"kind": "prompt", "text": evil}, {"kind": "sampled", "text": "<tool_call>", "tokens": 4,
+                                                             "turn": 0},
+                         {"kind": "env", "text": "56088", "tokens": 3},
+                         {"kind": "sampled", "text": "x", "tokens": 1, "turn": 1}]}
+    group = {"prompt": evil, "answer": "", "rewards": [1.0, 0.0], "sample": "s",
+             "episodes": {"success_rate": 0.5, "turns_mean": 2.0, "tool_calls_mean": 0.5, "tool_call_frac": 0.5,
+                          "tool_errors": 0, "invalid_actions_mean": 0.0},
+             "best": {"index": 0, "reward": 1.0, "text": "56088", "components": {}, "correct": True, "episode": episode},
+             "worst": {"index": 1, "reward": 0.0, "text": "", "components": {}, "correct": False,
+                       "episode": {**episode, "transcript": [], "spans": [], "turn_rewards": []}}}
+    (rd / "samples.jsonl").write_text(json.dumps({"step": 1, "groups": [group]}) + "\n")
+    text = build_report(rd).read_text()
+    check_html(text)
+    assert "<script>" not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert '<div class="turn t-tool"><span class="role">tool calculator</span>' in text
+    assert "1 tool call(s)" in text and "tool calls 0.5 per episode (in 50% of them)" in text
+    assert "&lt;tool_call&gt;" in text
+    assert "5 sampled, 3 loss-masked after the prompt" in text

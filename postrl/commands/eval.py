@@ -1,5 +1,8 @@
 """``postrl eval --model M [--model M2 ...] --task SPEC --n 64 --k 1,2,4,...``: pass@k, maj@k and friends.
 
+``postrl eval --model M --env NAME [--env-kwargs ...] [--tools ...] [--max-turns N]``: the same on multi-turn
+episodes of an environment (success rate, return, turns, tool calls, pass@k over episodes).
+
 See docs/evaluation.md for every metric's definition and the output files.
 """
 
@@ -41,7 +44,82 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    g = p.add_argument_group("environments (multi-turn episodes; docs/agents.md)")
+    g.add_argument("--env", metavar="NAME",
+                   help="evaluate on episodes of this environment (a registered name such as maze, wordle, "
+                        "arithmetic, textarena, or module:Class) instead of single completions; default with a run "
+                        "directory trained with env.name: that run's environment and held-out starts")
+    g.add_argument("--env-kwargs", action="append", metavar="KWARGS",
+                   help="environment arguments: key=value[,key=value] or a YAML mapping '{size: 3}' (repeatable)")
+    g.add_argument("--tools", metavar="TOOLS",
+                   help="tools the model may call: names 'calculator,python' or a YAML list "
+                        "'[calculator, {name: search, corpus: docs.jsonl}]'")
+    g.add_argument("--max-turns", type=int, default=None, help="model turns per episode (default 8)")
+    g.add_argument("--max-episode-tokens", type=int, default=None,
+                   help="token budget of an episode after its first observation (default 1024)")
+    g.add_argument("--starts", type=int, default=None,
+                   help="start states evaluated (environment seeds; with --task, its first samples); default 100, "
+                        "or the run's data.eval_size; --n episodes are sampled from each (--max-new-tokens is the "
+                        "per-turn budget, default 64)")
     # (every value is checked by EvalSettings.validate before a model or task loads)
+
+
+ENV_ONLY = ("env_kwargs", "tools", "max_turns", "max_episode_tokens", "starts")
+
+
+def _run_env_config(args):
+    """The config of the first --model that is a training run directory with an environment, else None."""
+    from postrl.config import load_config
+    from postrl.eval.runner import resolve_model
+
+    for spec in args.model:
+        run_dir = resolve_model(spec)[1]
+        if run_dir is not None and (run_dir / "config.yaml").is_file():
+            cfg = load_config(run_dir / "config.yaml", [])
+            return (cfg, run_dir) if cfg.env.name else None
+    return None
+
+
+def _env_task(args):
+    """The environment task of the arguments, or None for single-turn evaluation."""
+    from postrl.eval.env_eval import DEFAULT_STARTS, build_env_task, env_task_from_run_config, parse_env_kwargs, parse_tools
+    from postrl.eval.runner import EvalError
+
+    if args.env is None:
+        given = [f"--{k.replace('_', '-')}" for k in ENV_ONLY if getattr(args, k) is not None]
+        run = _run_env_config(args) if not args.task else None
+        if run is None:
+            if given:
+                raise EvalError(f"{', '.join(given)}: only with --env (or a --model run directory trained with an "
+                                "environment)")
+            return None
+        if given:
+            raise EvalError(f"{', '.join(given)}: the run's environment is used as it was trained; give --env NAME "
+                            "(with its settings) to evaluate on another one")
+        cfg, run_dir = run
+        if args.system_prompt is not None:
+            cfg.data.system_prompt = args.system_prompt
+        return env_task_from_run_config(cfg, f"run:{run_dir}:env")
+    unused = [flag for flag, v in (("--answer-extraction", args.answer_extraction),
+                                   ("--prompt-template", args.prompt_template), ) if v is not None]
+    if unused:
+        raise EvalError(f"{', '.join(unused)}: not used with --env (the environment writes the observations and "
+                        "judges the episodes)")
+    for flag, v in (("--max-turns", args.max_turns), ("--max-episode-tokens", args.max_episode_tokens),
+                    ("--starts", args.starts)):
+        if v is not None and v < 1:
+            raise EvalError(f"{flag} {v}: must be >= 1")
+    samples = None
+    if args.task:
+        from postrl.eval.tasks import build_task
+
+        samples = build_task(args.task, None, None, args.system_prompt).problems
+    return build_env_task(
+        args.env, parse_env_kwargs(args.env_kwargs), parse_tools(args.tools),
+        max_turns=args.max_turns or 8, max_tokens_per_turn=args.max_new_tokens or 64,
+        max_episode_tokens=args.max_episode_tokens or 1024,
+        starts=args.starts or (len(samples) if samples is not None else DEFAULT_STARTS), seed=args.seed,
+        samples=samples, system_prompt=args.system_prompt)
 
 
 def _task(args):
@@ -85,16 +163,31 @@ def run(args: argparse.Namespace) -> int:
                                 bootstrap=args.bootstrap, maj_subsets=args.maj_subsets, greedy=not args.no_greedy,
                                 device=args.device, dtype=args.dtype)
         settings.validate()  # before the (possibly slow) task and models are built
-        task = _task(args)
-        out_dir, result = run_eval(args.model, task, settings, args.out)
+        env_task = _env_task(args)
+        if env_task is not None:
+            from postrl.eval.env_eval import run_env_eval
+
+            out_dir, result = run_env_eval(args.model, env_task, settings, args.out)
+        else:
+            task = _task(args)
+            out_dir, result = run_eval(args.model, task, settings, args.out)
     except (ValueError, RuntimeError, OSError) as exc:
-        if report_input_error(exc, (EvalError,)):
+        from postrl.envs import EnvError
+
+        if report_input_error(exc, (EvalError, EnvError)):
             return 2
         raise
     print()
-    print(f"task {result['task_name']}: {result['num_problems']} problems, n = {settings.n} samples each, "
-          f"temperature {settings.temperature}; values with 95% bootstrap CIs over problems")
-    print(format_table(result["models"]))
+    if env_task is not None:
+        from postrl.eval.env_eval import format_env_table
+
+        print(f"environment {result['task_name']}: {result['num_starts']} starts, greedy and n = {settings.n} "
+              f"sampled episodes each, temperature {settings.temperature}; values with 95% bootstrap CIs over starts")
+        print(format_env_table(result["models"]))
+    else:
+        print(f"task {result['task_name']}: {result['num_problems']} problems, n = {settings.n} samples each, "
+              f"temperature {settings.temperature}; values with 95% bootstrap CIs over problems")
+        print(format_table(result["models"]))
     for name in ("eval.json", "samples.jsonl", "pass_at_k.png"):
         print(f"{name}: {Path(out_dir) / name}")
     return 0

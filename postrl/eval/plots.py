@@ -61,6 +61,18 @@ PLOTS: tuple[PlotSpec, ...] = (
              labels={"step_time_s": "step (rollout + update)", "gen_time_s": "rollout"}),
 )
 
+EPISODE_PLOTS: tuple[PlotSpec, ...] = (
+    PlotSpec("episodes", "Episodes: success, tool use, truncation", "fraction of episodes",
+             keys=("episodes/success_rate", "episodes/tool_call_frac", "episodes/truncated_frac"),
+             labels={"episodes/success_rate": "success", "episodes/tool_call_frac": "with a tool call",
+                     "episodes/truncated_frac": "truncated"}),
+    PlotSpec("episode_turns", "Episodes: turns and tool calls", "per episode",
+             keys=("episodes/turns_mean", "episodes/tool_calls_mean", "episodes/invalid_actions_mean"),
+             labels={"episodes/turns_mean": "turns", "episodes/tool_calls_mean": "tool calls",
+                     "episodes/invalid_actions_mean": "invalid actions"}),
+)
+"""Panels drawn only for runs with an environment (``episodes/*`` metrics); absent otherwise, without a note."""
+
 HELD_OUT_NAME = "held_out_eval"
 PASS_AT_K_NAME = "pass_at_k"
 

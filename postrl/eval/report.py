@@ -43,6 +43,8 @@ SAMPLE_LOG_TARGET = 20  # about this many logged steps per run (plus the first a
 SAMPLE_LOG_GROUPS = 2  # groups (prompts) logged per logged step: the first ones of the rollout batch
 MAX_PROMPT_CHARS = 1000
 MAX_COMPLETION_CHARS = 1500
+MAX_TURN_CHARS = 600  # one turn of an episode's transcript
+MAX_EPISODE_TOKEN_CHARS = 6000  # an episode's token spans, all together
 REPORT_SAMPLE_STEPS = 4  # steps shown in the report's sample section, from early to late
 
 
@@ -146,8 +148,96 @@ def _num(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
+ROLE_OF_MESSAGE = {"assistant": "policy", "tool": "tool", "system": "system"}  # anything else: environment
+
+
+def episode_transcript(info: Any, max_chars: int = MAX_TURN_CHARS) -> list[dict[str, Any]]:
+    """The turns of one episode (an :class:`~postrl.rollout.episodes.EpisodeInfo`) in order, each
+    ``{"role", "text"}`` with ``role`` one of ``policy`` (a turn the model sampled: also ``turn`` (its index),
+    ``reward`` (the environment's reward for it) and ``tool_calls`` (tool messages that answered it)),
+    ``environment`` (an observation), ``tool`` (a tool's answer) or ``system``. Texts are cut to
+    ``max_chars`` (:func:`clip_text`). The last observation (after ``done``) is in the transcript although it
+    never entered the tokens (nothing was sampled after it)."""
+    turns: list[dict[str, Any]] = []
+    rewards = list(getattr(info, "turn_rewards", []) or [])
+    k = 0
+    for m in getattr(info, "messages", []) or []:
+        role = ROLE_OF_MESSAGE.get(str(m.get("role")), "environment")
+        turn: dict[str, Any] = {"role": role, "text": clip_text(m.get("content") or "", max_chars)}
+        if role == "policy":
+            turn.update(turn=k, reward=_num(rewards[k]) if k < len(rewards) else None, tool_calls=0)
+            k += 1
+        elif role == "tool":
+            turn["name"] = str(m.get("name") or "")
+            for prev in reversed(turns):  # the policy turn this tool message answers
+                if prev["role"] == "policy":
+                    prev["tool_calls"] += 1
+                    break
+        turns.append(turn)
+    return turns
+
+
+def episode_token_spans(info: Any, prompt_text: str, completion_ids: Sequence[int], tokenizer: Any,
+                        max_chars: int = MAX_EPISODE_TOKEN_CHARS) -> list[dict[str, Any]]:
+    """The episode's token stream as the trainer saw it, in spans ``{"kind", "text"}``: ``prompt`` (the first
+    observation rendered with the chat template), then ``sampled`` (the model's tokens of turn ``turn``: the
+    only ones in the loss) and ``env`` (observation deltas: chat-template tokens and environment / tool text,
+    attended to but loss-masked), decoded with special tokens kept. About ``max_chars`` characters in all:
+    later spans are cut (marked), the prompt first."""
+    spans: list[dict[str, Any]] = [{"kind": "prompt", "text": str(prompt_text)}]
+    turn = 0
+    ids = list(completion_ids)
+    for kind, start, end in getattr(info, "segments", []) or []:
+        span: dict[str, Any] = {"kind": "sampled" if kind == "sampled" else "env",
+                                "text": tokenizer.decode(ids[start:end], skip_special_tokens=False),
+                                "tokens": end - start}
+        if kind == "sampled":
+            span["turn"] = turn
+            turn += 1
+        spans.append(span)
+    budget = max_chars
+    for span in spans:
+        limit = max(1, budget)
+        span["text"] = clip_text(span["text"], limit)
+        budget -= min(len(span["text"]), limit)
+    return spans
+
+
+def episode_record(info: Any, prompt_text: str | None = None, completion_ids: Sequence[int] | None = None,
+                   tokenizer: Any = None) -> dict[str, Any]:
+    """One episode as JSON: its outcome (``success``, ``return``, ``turns``, ``end``, ``truncated``), per-turn
+    rewards, tool calls and errors, invalid actions, environment errors, token counts, the ``transcript``
+    (:func:`episode_transcript`) and, given the prompt text, the completion ids and a tokenizer, the token
+    ``spans`` (:func:`episode_token_spans`). Used for the training run's ``samples.jsonl`` and ``postrl eval
+    --env``'s."""
+    rec: dict[str, Any] = {
+        "success": bool(info.success), "return": _num(info.episode_return), "turns": int(info.turns),
+        "end": str(info.end), "truncated": bool(info.truncated),
+        "turn_rewards": [_num(r) for r in info.turn_rewards],
+        "tool_calls": int(info.tool_calls), "tool_errors": int(info.tool_errors),
+        "invalid_actions": int(info.invalid_actions), "env_errors": int(info.env_errors),
+        "sampled_tokens": int(info.sampled_tokens), "env_tokens": int(info.env_tokens),
+        "transcript": episode_transcript(info),
+    }
+    if info.error:
+        rec["error"] = clip_text(info.error, MAX_TURN_CHARS)
+    if tokenizer is not None and prompt_text is not None and completion_ids is not None:
+        rec["spans"] = episode_token_spans(info, prompt_text, completion_ids, tokenizer)
+    return rec
+
+
+def _group_episode_stats(episodes: Sequence[Any]) -> dict[str, Any]:
+    n = max(1, len(episodes))
+    return {"success_rate": sum(bool(e.success) for e in episodes) / n,
+            "turns_mean": sum(e.turns for e in episodes) / n,
+            "tool_calls_mean": sum(e.tool_calls for e in episodes) / n,
+            "tool_call_frac": sum(e.tool_calls > 0 for e in episodes) / n,
+            "tool_errors": int(sum(e.tool_errors for e in episodes)),
+            "invalid_actions_mean": sum(e.invalid_actions for e in episodes) / n}
+
+
 def sample_log_record(step: int, batch: RolloutBatch, group_size: int,
-                      max_groups: int = SAMPLE_LOG_GROUPS) -> dict[str, Any]:
+                      max_groups: int = SAMPLE_LOG_GROUPS, tokenizer: Any = None) -> dict[str, Any]:
     """One ``samples.jsonl`` line: for the first ``max_groups`` groups of a rollout batch, the prompt,
     its ground truth, the rewards of all ``group_size`` completions, and the best- and worst-scored
     completion with their reward components.
@@ -157,19 +247,30 @@ def sample_log_record(step: int, batch: RolloutBatch, group_size: int,
     ``texts``, ``rewards`` (totals, ``[B]``), ``components`` (reward name -> per-row values) and
     ``correct``. Ties: the best is the first row with the highest reward, the worst the last row with the
     lowest, so with ``group_size >= 2`` they are two different completions.
+
+    A batch of multi-turn episodes (an :class:`~postrl.rollout.episodes.EpisodeBatch` with ``episodes``):
+    a row's reward is its episode return; the prompt is the first observation; best and worst carry the
+    whole episode (:func:`episode_record`: transcript with roles and per-turn rewards, and with ``tokenizer``
+    the token spans, sampled versus loss-masked), and each group its episode statistics (success rate, turns,
+    tool calls).
     """
     if group_size < 1:
         raise ValueError(f"sample_log_record: group_size must be >= 1, got {group_size}")
-    rewards = batch.rewards.tolist()
+    episodes = list(getattr(batch, "episodes", None) or [])
+    rewards = [e.episode_return for e in episodes] if episodes else batch.rewards.tolist()
     if len(rewards) % group_size:
         raise ValueError(f"sample_log_record: {len(rewards)} rows is not a multiple of group_size {group_size}")
     components, correct = batch.components, batch.correct
 
     def entry(i: int) -> dict[str, Any]:
-        return {"index": i % group_size, "reward": _num(rewards[i]),
-                "text": clip_text(batch.texts[i], MAX_COMPLETION_CHARS),
-                "components": {name: _num(vals[i]) for name, vals in components.items()},
-                "correct": bool(correct[i])}
+        e = {"index": i % group_size, "reward": _num(rewards[i]),
+             "text": clip_text(batch.texts[i], MAX_COMPLETION_CHARS),
+             "components": {name: _num(vals[i]) for name, vals in components.items()},
+             "correct": bool(correct[i])}
+        if episodes:
+            ids = batch.completion_ids[i][batch.attention_mask[i].bool()].tolist() if tokenizer is not None else None
+            e["episode"] = episode_record(episodes[i], batch.prompt_texts[i], ids, tokenizer)
+        return e
 
     groups = []
     for g in range(min(max_groups, len(rewards) // group_size)):
@@ -178,13 +279,23 @@ def sample_log_record(step: int, batch: RolloutBatch, group_size: int,
         best = rows[max(range(len(rows)), key=lambda j: (key[j], -j))]
         worst = rows[min(range(len(rows)), key=lambda j: (key[j], -j))]
         sample = batch.samples[rows[0]]
-        groups.append({
+        group = {
             "prompt": clip_text(getattr(sample, "question", sample), MAX_PROMPT_CHARS),
             "answer": clip_text(getattr(sample, "answer", ""), MAX_PROMPT_CHARS),
             "rewards": [_num(rewards[i]) for i in rows],
             "best": entry(best),
             "worst": entry(worst),
-        })
+        }
+        if episodes:
+            first = []  # the first observation (system message included): the messages before the first turn
+            for m in episodes[rows[0]].messages:
+                if m.get("role") == "assistant":
+                    break
+                first.append(str(m.get("content") or ""))
+            group["prompt"] = clip_text("\n\n".join(first), MAX_PROMPT_CHARS)
+            group["sample"] = clip_text(getattr(sample, "question", ""), MAX_PROMPT_CHARS)
+            group["episodes"] = _group_episode_stats([episodes[i] for i in rows])
+        groups.append(group)
     return {"step": step, "groups": groups}
 
 
@@ -528,6 +639,15 @@ word-break:break-word;margin:2px 0;font-size:.85em;max-height:22em;overflow:auto
 .best{border-left:4px solid #2e9d50;padding-left:8px}.worst{border-left:4px solid #d0453a;padding-left:8px}
 .group{border:1px solid #e3e7ee;border-radius:6px;padding:6px 10px;margin:8px 0}
 .up{color:#2e7d32}.down{color:#c62828}
+.transcript{margin:4px 0}.turn{margin:3px 0;padding:2px 6px;border-radius:3px}
+.turn .role{font-size:.8em;font-weight:600;text-transform:uppercase;letter-spacing:.03em}
+.t-policy{background:#eaf7ee;border-left:4px solid #2e9d50}.t-environment{background:#f2f3f6;border-left:4px solid #8a94a6}
+.t-tool{background:#eaf0fb;border-left:4px solid #3b6fd6}.t-system{background:#faf6ea;border-left:4px solid #c49a1c}
+.t-policy pre{background:#fff;border-color:#b9e2c6;font-weight:600}.t-environment pre,.t-tool pre,.t-system pre{font-style:italic}
+.turn-chip{padding:0 4px;border-radius:3px}.reward{font-size:.85em;color:#1d5e33;font-weight:600}
+.tok-sampled{background:#bfe8cb;color:#0b3d1a;font-weight:600;outline:1px solid #7cc592}
+.tok-masked{color:#6b7280;background:#eceff3;font-style:italic}
+pre.tokens{line-height:1.6}.legend{font-size:.9em}
 """
 
 
@@ -579,6 +699,10 @@ def render_plots(data: RunData) -> tuple[list[Plot], list[str]]:
             notes.append(f"{spec.title}: not plotted, this run logged no finite values for {keys}.")
             continue
         out.append(Plot(spec.name, spec.title, P.line_plot(spec.title, spec.ylabel, series, logy=spec.logy)))
+    for spec in P.EPISODE_PLOTS:  # runs with an environment only
+        series = P.spec_series(spec, data.metrics)
+        if series:
+            out.append(Plot(spec.name, spec.title, P.line_plot(spec.title, spec.ylabel, series, logy=spec.logy)))
     held = _held_out_series(data)
     if held:
         out.insert(2, Plot(P.HELD_OUT_NAME, "Held-out evaluation",
@@ -642,19 +766,28 @@ def _eval_section(data: RunData, passk_png: bytes | None) -> str:
     parts = []
     before, after = res.get("eval_before"), res.get("eval_after")
     rows = []
-    for key, label in (("accuracy", "held-out accuracy (greedy)"), ("reward_mean", "held-out mean reward"),
-                       ("response_len_mean", "mean response length (tokens)"), ("n", "problems")):
+    keys: tuple[tuple[str, str], ...] = (
+        ("accuracy", "held-out accuracy (greedy)"), ("reward_mean", "held-out mean reward"),
+        ("response_len_mean", "mean response length (tokens)"), ("n", "problems"))
+    if _is_episode_run(data):  # one greedy episode per held-out start
+        keys = (("accuracy", "held-out success rate (greedy episodes)"), ("reward_mean", "held-out mean return"),
+                ("turns_mean", "turns per episode"), ("tool_calls_mean", "tool calls per episode"),
+                ("tool_call_frac", "episodes with a tool call"), ("invalid_actions_mean", "invalid actions per episode"),
+                ("truncated_frac", "truncated episodes"), ("response_len_mean", "episode length (tokens)"),
+                ("n", "episodes"))
+    pct_keys = ("accuracy", "tool_call_frac", "truncated_frac")
+    for key, label in keys:
         b = before.get(key) if isinstance(before, dict) else None
         a = after.get(key) if isinstance(after, dict) else None
         if b is None and a is None:
             continue
         change = ""
         if _finite(b) and _finite(a) and key != "n":
-            delta = (a - b) * 100 if key == "accuracy" else a - b
-            cls = ("up" if delta > 0 else "down" if delta < 0 else "") if key != "response_len_mean" else ""
-            text = f"{delta:+.1f} pt" if key == "accuracy" else f"{delta:+.3f}"
+            delta = (a - b) * 100 if key in pct_keys else a - b
+            cls = ("up" if delta > 0 else "down" if delta < 0 else "") if key in ("accuracy", "reward_mean") else ""
+            text = f"{delta:+.1f} pt" if key in pct_keys else f"{delta:+.3f}"
             change = _Raw(f'<span class="{cls}">{_esc(text)}</span>')
-        fmt = (lambda x: f"{x:.1%}") if key == "accuracy" else (lambda x: _fmt(x, 4))
+        fmt = (lambda x: f"{x:.1%}") if key in pct_keys else (lambda x: _fmt(x, 4))
         rows.append((label, fmt(b) if _finite(b) else "—", fmt(a) if _finite(a) else "—", change))
     if rows:
         parts.append("<h3>Before and after training</h3>" + _table(["", "before", "after", "change"], rows))
@@ -722,18 +855,112 @@ def _completion_block(kind: str, e: dict[str, Any]) -> str:
             + "</div>")
 
 
+ROLE_LABELS = {"policy": "policy (sampled)", "environment": "environment", "tool": "tool", "system": "system"}
+EPISODE_LEGEND = (
+    '<p class="legend">Episodes: <span class="turn-chip t-policy">policy turns</span> were sampled by the model '
+    '(the only tokens in the loss), <span class="turn-chip t-environment">environment</span> and '
+    '<span class="turn-chip t-tool">tool</span> turns came from outside; in the token view '
+    '<span class="tok-sampled">sampled tokens</span> differ from <span class="tok-masked">loss-masked '
+    'tokens</span> (the prompt and the chat-template deltas that carry observations).</p>')
+
+
+def _signed(x: Any) -> str:
+    return f"{x:+.3g}" if _finite(x) else "n/a"
+
+
+def _transcript_html(turns: Sequence[Any]) -> str:
+    out = []
+    for t in turns:
+        if not isinstance(t, dict):
+            continue
+        role = t.get("role") if t.get("role") in ROLE_LABELS else "environment"
+        label = ROLE_LABELS[role]
+        extra = ""
+        if role == "policy":
+            label += f" · turn {_esc(t.get('turn', '?'))}"
+            extra = f' <span class="reward">reward {_esc(_signed(t.get("reward")))}</span>'
+            if t.get("tool_calls"):
+                extra += f' <span class="meta">· {_esc(t["tool_calls"])} tool call(s)</span>'
+        elif role == "tool" and t.get("name"):
+            label += f" {t['name']}"
+        text = str(t.get("text") or "")
+        body = f"<pre>{_esc(text)}</pre>" if text else '<pre class="empty">(empty)</pre>'
+        out.append(f'<div class="turn t-{role}"><span class="role">{_esc(label)}</span>{extra}{body}</div>')
+    return f'<div class="transcript">{"".join(out)}</div>'
+
+
+def _spans_html(spans: Sequence[Any]) -> str:
+    parts, sampled, masked = [], 0, 0
+    for sp in spans:
+        if not isinstance(sp, dict):
+            continue
+        trained = sp.get("kind") == "sampled"
+        n = sp.get("tokens") if _finite(sp.get("tokens")) else 0
+        sampled, masked = sampled + (n if trained else 0), masked + (0 if trained else n)
+        title = (f"turn {sp.get('turn', '?')}: sampled, in the loss" if trained else
+                 "prompt: loss-masked" if sp.get("kind") == "prompt" else "environment delta: loss-masked")
+        cls = "tok-sampled" if trained else "tok-masked"
+        parts.append(f'<span class="{cls}" title="{_esc(title)}">{_esc(sp.get("text", ""))}</span>')
+    return (f'<details class="tokens"><summary>tokens as trained ({_esc(sampled)} sampled, {_esc(masked)} '
+            f'loss-masked after the prompt)</summary><pre class="tokens">{"".join(parts)}</pre></details>')
+
+
+def _episode_block(kind: str, e: dict[str, Any]) -> str:
+    ep = e.get("episode") or {}
+    facts = [f"return <b>{_esc(_fmt(ep.get('return'), 3))}</b>",
+             _esc("success" if ep.get("success") else "no success"),
+             _esc(f"{ep.get('turns', '?')} turns"), _esc(f"ended: {ep.get('end', '?')}")]
+    facts.append(_esc(f"tool calls {ep.get('tool_calls', 0)} (errors {ep.get('tool_errors', 0)})"))
+    if ep.get("invalid_actions"):
+        facts.append(_esc(f"invalid actions {ep['invalid_actions']}"))
+    if ep.get("env_errors"):
+        facts.append(_esc(f"environment errors {ep['env_errors']}"))
+    rewards = ", ".join(_signed(r) for r in ep.get("turn_rewards") or [])
+    html_ = (f'<div class="{kind} episode"><b>{kind}</b> (episode {_esc(e.get("index", "?"))}): '
+             + " · ".join(facts)
+             + f'<br><span class="meta">per-turn rewards: {_esc(rewards or "none")}</span>')
+    if ep.get("error"):
+        html_ += f'<br><span class="meta">error: {_esc(ep["error"])}</span>'
+    html_ += _transcript_html(ep.get("transcript") or [])
+    if ep.get("spans"):
+        html_ += _spans_html(ep["spans"])
+    return html_ + "</div>"
+
+
+def _group_episode_line(st: dict[str, Any]) -> str:
+    def pct(x: Any) -> str:
+        return f"{x:.0%}" if _finite(x) else "n/a"
+
+    return (f"episodes of this group: success {pct(st.get('success_rate'))}, turns {_fmt(st.get('turns_mean'), 3)}, "
+            f"tool calls {_fmt(st.get('tool_calls_mean'), 3)} per episode (in {pct(st.get('tool_call_frac'))} of "
+            f"them), tool errors {_fmt(st.get('tool_errors'))}, invalid actions "
+            f"{_fmt(st.get('invalid_actions_mean'), 3)} per episode")
+
+
+def _is_episode_run(data: RunData) -> bool:
+    return bool(_dig(data.config, "env.name")) or any(
+        "episodes" in g for r in data.samples for g in (r.get("groups") or []) if isinstance(g, dict))
+
+
 def _samples_section(data: RunData) -> str:
     if not data.samples:
         return ('<p class="note">No samples.jsonl in the run directory (runs from before sample logging, or '
                 'no step completed).</p>')
     logged = sorted((r for r in data.samples if _finite(r.get("step"))), key=lambda r: r["step"])
     chosen = pick_evenly(logged, REPORT_SAMPLE_STEPS)
+    episodic = _is_episode_run(data)
+    what = ("For each logged start state, the highest- and lowest-return of its episodes, whole."
+            if episodic else "For each logged prompt, the highest- and lowest-scored of its completions.")
     parts = [f'<p class="meta">{len(logged)} logged steps; shown: steps '
-             f'{", ".join(str(r["step"]) for r in chosen)}. For each logged prompt, the highest- and '
-             f'lowest-scored of its completions.</p>']
+             f'{", ".join(str(r["step"]) for r in chosen)}. {what}</p>']
+    if episodic:
+        parts.append(EPISODE_LEGEND)
     for rec in chosen:
         parts.append(f'<h3>Step {_esc(rec["step"])}</h3>')
         for g in rec.get("groups") or []:
+            if isinstance(g, dict) and ("episodes" in g or "episode" in (g.get("best") or {})):
+                parts.append(_episode_group(g))
+                continue
             rewards = [r for r in g.get("rewards") or [] if _finite(r)]
             stats = (f"group rewards: mean {_fmt(sum(rewards) / len(rewards), 3)}, "
                      f"min {_fmt(min(rewards), 3)}, max {_fmt(max(rewards), 3)} over {len(rewards)} completions"
@@ -744,6 +971,62 @@ def _samples_section(data: RunData) -> str:
                 f'<div class="pair">{_completion_block("best", g.get("best") or {})}'
                 f'{_completion_block("worst", g.get("worst") or {})}</div></div>')
     return "\n".join(parts)
+
+
+def _episode_group(g: dict[str, Any]) -> str:
+    rewards = [r for r in g.get("rewards") or [] if _finite(r)]
+    stats = (f"returns: mean {_fmt(sum(rewards) / len(rewards), 3)}, min {_fmt(min(rewards), 3)}, "
+             f"max {_fmt(max(rewards), 3)} over {len(rewards)} episodes" if rewards else "")
+    line = _group_episode_line(g["episodes"]) if isinstance(g.get("episodes"), dict) else ""
+    sample = f' · data sample: <code>{_esc(g["sample"])}</code>' if g.get("sample") else ""
+    return (f'<div class="group"><b>first observation</b><pre>{_esc(g.get("prompt", ""))}</pre>'
+            f'<span class="meta">{_esc(stats)}{sample}</span>'
+            + (f'<br><span class="meta">{_esc(line)}</span>' if line else "")
+            + f'<div class="pair">{_episode_block("best", g.get("best") or {})}'
+            f'{_episode_block("worst", g.get("worst") or {})}</div></div>')
+
+
+EPISODE_ROWS = (("episodes/success_rate", "success rate", "pct"), ("episodes/return_mean", "mean return", ""),
+                ("episodes/turns_mean", "turns per episode", ""),
+                ("episodes/tool_calls_mean", "tool calls per episode", ""),
+                ("episodes/tool_call_frac", "episodes with a tool call", "pct"),
+                ("episodes/tool_errors", "tool errors (per step)", ""),
+                ("episodes/invalid_actions_mean", "invalid actions per episode", ""),
+                ("episodes/env_errors", "environment errors (per step)", ""),
+                ("episodes/truncated_frac", "truncated episodes", "pct"),
+                ("episodes/sampled_tokens_mean", "sampled tokens per episode", ""),
+                ("episodes/env_tokens_mean", "environment tokens per episode", ""))
+
+
+def _episodes_section(data: RunData) -> str:
+    """Episode statistics of the rollouts (tool calls included): first step, last step, mean over the run."""
+    rows_in = [r for r in data.metrics if any(str(k).startswith("episodes/") for k in r)]
+    if not rows_in:
+        return ('<p class="note">No episode metrics in metrics.jsonl (episodes/*): the run has no environment, '
+                'or no step completed.</p>')
+    first, last = rows_in[0], rows_in[-1]
+
+    def cell(v: Any, kind: str) -> str:
+        return "—" if not _finite(v) else f"{v:.1%}" if kind == "pct" else _fmt(float(v), 4)
+
+    rows = []
+    ends = sorted({k for r in rows_in for k in r if str(k).startswith("episodes/end/")})
+    for key, label, kind in EPISODE_ROWS + tuple((k, f"ended: {k.rsplit('/', 1)[1]}", "pct") for k in ends):
+        vals = [float(r[key]) for r in rows_in if _finite(r.get(key))]
+        if not vals:
+            continue
+        total = sum(vals) if key in ("episodes/tool_errors", "episodes/env_errors") else None
+        rows.append((label, cell(first.get(key), kind), cell(last.get(key), kind),
+                     cell(sum(vals) / len(vals), kind) + (f" (total {_fmt(total)})" if total is not None else "")))
+    env = data.config.get("env") if isinstance(data.config.get("env"), dict) else {}
+    tools = env.get("tools") or []
+    head = (f'<p class="meta">environment <code>{_esc(env.get("name", "?"))}</code>'
+            + (f', tools: {_esc(", ".join(t if isinstance(t, str) else str(t.get("name")) for t in tools))}'
+               if tools else ", no tools")
+            + f"; rollout episodes of step {_esc(first.get('step', '?'))} and step {_esc(last.get('step', '?'))}, "
+              f"and the mean over the {len(rows_in)} logged steps.</p>")
+    return head + _table(["", f"step {first.get('step', '?')}", f"step {last.get('step', '?')}", "mean over steps"],
+                         rows)
 
 
 def _environment_section(data: RunData) -> str:
@@ -795,7 +1078,8 @@ def render_html(data: RunData, plots: list[Plot], notes: list[str], passk_png: b
         ("curves", "Training curves",
          (f'<div class="plots">{figs}</div>' if plots else '<p class="note">No metrics to plot.</p>') + note_html),
         ("eval", "Evaluation", _eval_section(data, passk_png)),
-        ("samples", "Sample completions", _samples_section(data)),
+        *([("episodes", "Episodes and tool calls", _episodes_section(data))] if _is_episode_run(data) else []),
+        ("samples", "Sample episodes" if _is_episode_run(data) else "Sample completions", _samples_section(data)),
         ("environment", "Environment", _environment_section(data)),
         ("config", "Configuration", _config_section(data)),
     ]
@@ -851,7 +1135,7 @@ def build_report(run_dir: str | Path, eval_path: str | Path | None = None, out: 
             files[f"{P.PASS_AT_K_NAME}.png"] = passk_png
         for fname, png in files.items():
             (pdir / fname).write_bytes(png)
-        known = {s.name for s in P.PLOTS} | {P.HELD_OUT_NAME, P.PASS_AT_K_NAME}
+        known = {s.name for s in P.PLOTS + P.EPISODE_PLOTS} | {P.HELD_OUT_NAME, P.PASS_AT_K_NAME}
         for stale in pdir.glob("*.png"):  # a plot of an earlier report whose metric is gone now
             if stale.stem in known and stale.name not in files:
                 stale.unlink()

@@ -595,7 +595,7 @@ class RLTrainer(Job):
             batch.sampling_tries = parts[0].sampling_tries
         metrics = self._metrics(batch, upd, t_gen, time.time() - t0)
         if should_log_samples(step + 1, self.total_steps):  # best/worst completions, for reports
-            run.log_samples(sample_log_record(step + 1, batch, self.cfg.rollout.n))
+            run.log_samples(sample_log_record(step + 1, batch, self.cfg.rollout.n, tokenizer=self.tokenizer))
         return StepOutput(metrics, ok=not (upd["updates"] == 0 and upd["skipped_updates"] > 0),
                           updated=upd["updates"] > 0 and upd["grad_norm"] > 0)
 
