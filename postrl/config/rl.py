@@ -25,10 +25,6 @@ SEQUENCE_LEVEL_LOSSES = ("gspo", "gmpo")  # one loss per sequence, broadcast ove
 # RL trainer does not act on them, so a config that sets them is refused rather than silently ignored.
 # Each entry: (setting, what the trainer must do). The trainer's owner removes an entry when wiring it.
 PENDING_TRAINER_HOOKS: tuple[tuple[str, str], ...] = (
-    ("algo.policy_loss=top_entropy",
-     "needs the per-token entropy of the training forward pass passed to the policy loss (entropy=...)"),
-    ("algo.distill_teacher", "needs the teacher model loaded as the KL reference (same tokenizer)"),
-    ("algo.ref_reset_every", "needs the reference model and the optimizer state reset between steps"),
     ("critic.shared_backbone", "needs a value head on the policy model and the joint loss"),
 )
 SCORING_MODES = ("sum_then_normalize", "normalize_each_then_sum")

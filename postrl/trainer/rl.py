@@ -31,11 +31,11 @@ import torch
 
 from postrl.algorithms import ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from postrl.algorithms.advantages import gae_advantages_and_returns, last_token_rewards
-from postrl.algorithms.kl_control import build_kl_controller, kl_penalty_rewards
+from postrl.algorithms.kl_control import build_kl_controller, kl_penalty_rewards, reference_reset_due
 from postrl.algorithms.policy_losses import tis_weights
 from postrl.algorithms.shaping import dynamic_sampling_keep, overlong_filter_mask, overlong_penalty
 from postrl.algorithms.value_losses import clipped_value_loss
-from postrl.config import Config, check_command
+from postrl.config import Config, ConfigError, check_command
 from postrl.data import PromptSampler, build_data_source, build_messages, render_prompt
 from postrl.data.sources import CORRECT_EPS
 from postrl.eval.report import sample_log_record, should_log_samples
@@ -105,7 +105,14 @@ class RLTrainer(Job):
         self.rewards = RewardPipeline(cfg.rewards, self.source, cfg.scoring, RewardContext(
             source=self.source, tokenizer=self.tokenizer, device=self.device))
         self.ref_model = None
-        if cfg.algo.kl_coef > 0:  # reference = the starting policy (the original model, also on resume)
+        if cfg.algo.distill_teacher:  # on-policy distillation: the teacher is the reference of the KL-in-reward path
+            self.ref_model, teacher_tok, _ = load_from_config(cfg.model, cfg.algo.distill_teacher)
+            if teacher_tok.get_vocab() != self.tokenizer.get_vocab():
+                raise ConfigError(f"algo.distill_teacher={cfg.algo.distill_teacher!r} has another tokenizer than "
+                                  f"model.name_or_path={cfg.model.name_or_path!r}; on-policy distillation compares "
+                                  "the two models' log-probs token by token and needs the same vocabulary")
+            self.ref_model.eval().requires_grad_(False)
+        elif cfg.algo.kl_coef > 0:  # reference = the starting policy (the original model, also on resume)
             self.ref_model = copy.deepcopy(self.model) if checkpoint is None else load_from_config(cfg.model)[0]
             self.ref_model.eval().requires_grad_(False)
         self.backend = build_backend(cfg.rollout.backend, self.model, self.tokenizer)
@@ -198,9 +205,14 @@ class RLTrainer(Job):
             **({"critic": self.critic.state_dict(), "critic_optimizer": self.critic_optimizer.state_dict()}
                if self.critic is not None and not self._sharded else {}),
             "algo_state": self.algo_state,
+            # ProRL: after a reset the reference is no longer model.name_or_path, so it travels with the run
+            **({"reference": self.ref_model.state_dict()} if self.cfg.algo.ref_reset_every and self.ref_model
+               is not None else {}),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "reference" in state:
+            self.ref_model.load_state_dict(state["reference"])
         self.sampler.load_state_dict(state["sampler"])
         if "kl_controller" in state:  # absent in checkpoints written before the algorithm library
             self.kl_ctl.load_state_dict(state["kl_controller"])
@@ -414,6 +426,7 @@ class RLTrainer(Job):
         # token-mean denominator, so the update is the same as computing them.
         skip_zero = (self.skip_zero_advantage and not kl_in_loss and a.entropy_coef == 0
                      and getattr(self.policy_loss_fn, "zero_at_zero_advantage", False))
+        needs_entropy = "entropy" in getattr(self.policy_loss_fn, "requires", ())
         sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "kl_ref": 0.0}
         tokens_seen, grad_norms, skipped, updates, rows_computed = 0.0, [], 0, 0, 0
         lr = self.scheduler.get_last_lr()[0]
@@ -443,8 +456,10 @@ class RLTrainer(Job):
                 if self.dist is not None:  # gradients synchronised in the last pass of the update
                     self.dist.set_grad_sync(self.train_model, last=k == len(chunks) - 1)
                 lp, ent = completion_logprobs(self.train_model, [prompts[i] for i in idx], m_ids, mask[idx, :width],
-                                              pad, temp, with_entropy=a.entropy_coef > 0, entropy_grad=True)
-                loss_tok, stats = self.policy_loss_fn(lp, old_lp[idx, :width], adv[idx, :width], m_mask, a)
+                                              pad, temp, with_entropy=a.entropy_coef > 0 or needs_entropy,
+                                              entropy_grad=True)
+                extra = {"entropy": ent.detach()} if needs_entropy else {}  # e.g. top_entropy's token selection
+                loss_tok, stats = self.policy_loss_fn(lp, old_lp[idx, :width], adv[idx, :width], m_mask, a, **extra)
                 if tis_w is not None:
                     loss_tok = loss_tok * tis_w[idx, :width]
                 if ref_lp is not None:
@@ -585,6 +600,10 @@ class RLTrainer(Job):
     def step(self, run) -> StepOutput:
         """Rollout, rewards, advantages and the update of step ``run.state.step``."""
         step = run.state.step
+        if self.ref_model is not None and reference_reset_due(step, self.cfg.algo.ref_reset_every):
+            # ProRL (arXiv:2505.24864): the reference becomes the current policy, the optimizer starts afresh
+            self.ref_model.load_state_dict(self.model.state_dict())
+            self.optimizer.state.clear()
         t0 = time.time()
         batch = self.rollout(step)
         t_gen = time.time() - t0
