@@ -418,7 +418,6 @@ def test_incompatible_rl_combination_messages_for_issue_17_pieces() -> None:
         load_config(None, ["algo.advantage=distill"])
     msg = str(exc.value)
     assert "algo.kl_in_reward=true and algo.kl_estimator=k1" in msg and "algo.distill_teacher" in msg
-    # (these settings are also refused as not wired into the trainer yet, a separate line of the same error)
     with pytest.raises(ConfigError) as exc:
         load_config(None, ["algo.advantage=distill", "algo.distill_teacher=t", "algo.kl_in_reward=true",
                            "algo.kl_coef=1", "algo.kl_estimator=k1", "algo.kl_target=0.1"])
@@ -429,9 +428,6 @@ def test_incompatible_rl_combination_messages_for_issue_17_pieces() -> None:
 
 
 @pytest.mark.parametrize("overrides, key", [
-    (["algo.policy_loss=top_entropy"], "algo.policy_loss=top_entropy"),
-    (["algo.distill_teacher=some/model"], "algo.distill_teacher"),
-    (["algo.ref_reset_every=5", "algo.kl_coef=0.1"], "algo.ref_reset_every"),
     (["critic.shared_backbone=true"], "critic.shared_backbone"),
 ])
 def test_settings_without_a_trainer_hook_are_refused(overrides: list[str], key: str) -> None:

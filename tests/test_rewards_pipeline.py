@@ -154,7 +154,7 @@ def test_class_reward_is_built_once_with_the_context():
     assert CountingReward.instances == 1
     assert pipe.items[0].obj.context.source == "SRC"
     assert res.total == [1.25, 0.25]
-    with pytest.raises(ConfigError, match="bad arguments"):
+    with pytest.raises(ConfigError, match=r"rewards.0 \(_test_counter\): CountingReward takes no argument 'nope'; valid: bonus"):
         RewardPipeline([RewardSpec("_test_counter", kwargs={"nope": 1})])
 
 
