@@ -93,13 +93,16 @@ def _env_task(args):
                 raise EvalError(f"{', '.join(given)}: only with --env (or a --model run directory trained with an "
                                 "environment)")
             return None
+        given = [g for g in given if g != "--starts"]  # fewer held-out starts is fine
         if given:
             raise EvalError(f"{', '.join(given)}: the run's environment is used as it was trained; give --env NAME "
                             "(with its settings) to evaluate on another one")
+        if args.starts is not None and args.starts < 1:
+            raise EvalError(f"--starts {args.starts}: must be >= 1")
         cfg, run_dir = run
         if args.system_prompt is not None:
             cfg.data.system_prompt = args.system_prompt
-        return env_task_from_run_config(cfg, f"run:{run_dir}:env")
+        return env_task_from_run_config(cfg, f"run:{run_dir}:env", starts=args.starts)
     unused = [flag for flag, v in (("--answer-extraction", args.answer_extraction),
                                    ("--prompt-template", args.prompt_template), ) if v is not None]
     if unused:

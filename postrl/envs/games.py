@@ -66,18 +66,21 @@ class MazeEnv(TextEnv):
     unreadable action leaves the agent where it is. ``shaping`` > 0 adds potential-based shaping
     (Ng et al. 1999, with the potential -shaping x moves-to-goal and no discount): +shaping for a move that
     brings the agent one move closer to the goal, -shaping for one that takes it further, 0 for a bump; it
-    sums to shaping x (start distance - end distance) over an episode, so the best policies do not change."""
+    sums to shaping x (start distance - end distance) over an episode, so the best policies do not change.
+    ``instructions=False`` leaves the one-line instructions out of the first observation (the grid alone): a
+    tiny random model then attends over ~10 prompt tokens instead of ~80, which is what lets it learn to read
+    the grid (docs/agents.md, the maze recipe)."""
 
     observe = "full"
 
     def __init__(self, size: int = 4, wall_prob: float = 0.2, min_distance: int = 2, step_penalty: float = 0.0,
-                 shaping: float = 0.0):
+                 shaping: float = 0.0, instructions: bool = True):
         if size < 2:
             raise EnvError(f"maze: size must be >= 2, got {size}")
         if not 0 <= wall_prob < 0.6:
             raise EnvError(f"maze: wall_prob must be in [0, 0.6), got {wall_prob}")
         self.size, self.wall_prob, self.min_distance, self.step_penalty = size, wall_prob, min_distance, step_penalty
-        self.shaping = shaping
+        self.shaping, self.instructions = shaping, bool(instructions)
 
     def _distances(self, start: tuple[int, int]) -> dict[tuple[int, int], int]:
         dist = {start: 0}
@@ -112,7 +115,7 @@ class MazeEnv(TextEnv):
             raise EnvError("maze: could not draw a solvable maze")
         self.to_goal = self._distances(self.goal)  # moves from each cell to the goal
         self.optimal = self.to_goal[self.pos]
-        intro = "Reach the goal G. Answer with one move: up, down, left or right.\n"
+        intro = "Reach the goal G. Answer with one move: up, down, left or right.\n" if self.instructions else ""
         return intro + self.render(), {"state_key": self.pos, "optimal_moves": self.optimal}
 
     def render(self) -> str:
