@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checks import Problems, ConfigTree
+from .curriculum import GuidanceSpec, MixtureEntry, SamplerSpec, validate_selection
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -70,8 +71,16 @@ class DataConfig:
     """User message; ``{question}`` is replaced by the example's question."""
     answer_extraction: str = "raw"
     """How the answer is pulled from a completion: raw | answer_tag | boxed | last_number."""
+    mixture: list[MixtureEntry] = field(default_factory=list)
+    """Several sources in one run, each with its own scorer and weight (replaces source/task/path);
+    empty = the single source above (docs/curricula.md)."""
+    sampler: SamplerSpec = field(default_factory=SamplerSpec)
+    """Which training prompts come next: uniform (default) or a curriculum (docs/curricula.md)."""
+    guidance: GuidanceSpec = field(default_factory=GuidanceSpec)
+    """Hints or teacher traces for prompts the model cannot solve yet; none = off (docs/curricula.md)."""
 
     def validate(self, p: Problems, cfg: ConfigTree) -> None:
+        validate_selection(p, self, cfg, ANSWER_EXTRACTIONS)
         p.choice("data.source", self.source, DATA_SOURCES)
         p.choice("data.answer_extraction", self.answer_extraction, ANSWER_EXTRACTIONS)
         jsonl = self.source == "jsonl"

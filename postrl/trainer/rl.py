@@ -36,7 +36,10 @@ from postrl.algorithms.policy_losses import tis_weights
 from postrl.algorithms.shaping import dynamic_sampling_keep, overlong_filter_mask, overlong_penalty
 from postrl.algorithms.value_losses import clipped_value_loss
 from postrl.config import Config, ConfigError, check_command
-from postrl.data import PromptSampler, build_data_source, build_messages, render_prompt
+from postrl.data import build_data_source, build_messages, render_prompt
+from postrl.data.guidance import build_guidance
+from postrl.data.mixture import MixtureSource, mixture_eval, per_task_metrics, task_eval_metrics
+from postrl.data.samplers import RolloutLedger, build_sampler
 from postrl.data.sources import CORRECT_EPS
 from postrl.eval.report import sample_log_record, should_log_samples
 from postrl.eval.runner import flat_eval_metrics, heldout_eval
@@ -47,6 +50,7 @@ from postrl.rewards import RewardContext, RewardPipeline, check_reward_kwargs, r
 from postrl.rollout.backend import build_backend
 from postrl.rollout.batch import RolloutBatch
 from postrl.rollout.generator import Generation, SamplingParams
+from postrl.rollout.selection import guide_failed_groups, luffy_rollout, speed_rollout
 from postrl.run import Job, StepOutput, TrainingError, run_job
 from postrl.run import distributed
 from postrl.run.optim import build_optimizer, clipped_step
@@ -100,6 +104,14 @@ class RLTrainer(Job):
         check_command(cfg, "train")
         check_rewards(cfg)
         self.source = build_data_source(cfg)
+        # data.sampler and data.guidance (docs/curricula.md), checked before the model loads
+        d = cfg.data
+        self.sampler = build_sampler(d.sampler.name, d.sampler.kwargs, self.source, cfg.resolved_data_seed,
+                                     cfg.rollout.n)
+        self.guidance = build_guidance(d.guidance.name, d.guidance.kwargs, self.source, cfg.resolved_data_seed,
+                                       cfg.rollout.n, cfg.train.steps)
+        self.ledger = RolloutLedger()  # what each step spends on rollouts (zero-variance accounting)
+        self._row_advantages: list[float] = []  # per completion, fed back to the sampler after the update
         self.model, self.tokenizer, self.model_source = load_from_config(cfg.model, checkpoint and str(checkpoint))
         self.device = next(self.model.parameters()).device
         self.rewards = RewardPipeline(cfg.rewards, self.source, cfg.scoring, RewardContext(
@@ -149,7 +161,6 @@ class RLTrainer(Job):
             t = cfg.train
             self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=cfg.critic.lr,
                                                       betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
-        self.sampler = PromptSampler(self.source.train, seed=cfg.resolved_data_seed)
         self.kl_ctl = build_kl_controller(cfg.algo)  # fixed kl_coef, or adaptive towards algo.kl_target
         self.algo_state: dict[str, Any] = {}  # estimator state that persists across steps (e.g. BNPO's statistics)
         self._prompt_cache: dict[str, list[int]] = {}
@@ -167,9 +178,14 @@ class RLTrainer(Job):
         e = self.cfg.eval  # greedy accuracy (+ pass@k with eval.n samples): the code of `postrl eval`
         if self.episodes is not None:
             return self.evaluate_episodes()
-        return heldout_eval(self.backend, self.tokenizer, self.source, self.source.eval, self.render,
-                            self.cfg.resolved_eval_max_new_tokens, e.batch_size, n=e.n, ks=e.k,
-                            temperature=e.temperature, seed=self.cfg.run.seed)
+        def run(samples: list) -> dict[str, Any]:
+            return heldout_eval(self.backend, self.tokenizer, self.source, samples, self.render,
+                                self.cfg.resolved_eval_max_new_tokens, e.batch_size, n=e.n, ks=e.k,
+                                temperature=e.temperature, seed=self.cfg.run.seed)
+
+        if isinstance(self.source, MixtureSource):  # per task, and over all held-out problems
+            return mixture_eval(self.source, run)
+        return run(self.source.eval)
 
     def evaluate_episodes(self) -> dict[str, Any]:
         """Greedy episodes on the held-out samples (one each, environment seeds fixed by the run seed and the
@@ -196,7 +212,7 @@ class RLTrainer(Job):
         return f"held-out greedy accuracy {ev['accuracy']:.1%} (n={ev['n']})"
 
     def eval_metrics(self, ev: dict[str, Any]) -> dict[str, float]:
-        return flat_eval_metrics(ev)
+        return {**flat_eval_metrics(ev), **task_eval_metrics(ev)}  # + eval/accuracy/<task> for a mixture
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -269,15 +285,20 @@ class RLTrainer(Job):
             rewards = [x + p for x, p in zip(rewards, self._overlong(gen))]
         return texts, res, rewards
 
-    def _sample_groups(self, samples: list, seed: int, step: int) -> RolloutBatch:
-        """Generate ``n`` completions per sample, decode and score them (one rollout batch)."""
+    def _sample_groups(self, samples: list, seed: int, step: int, n: int = 0,
+                       gen: Generation | None = None) -> RolloutBatch:
+        """Generate ``n`` completions per sample (0 = ``rollout.n``), decode and score them (one rollout batch);
+        ``gen``: score these completions instead of sampling (LUFFY's teacher traces)."""
         r = self.cfg.rollout
-        group = [s for s in samples for _ in range(r.n)]
-        gen = self.backend.generate([self.render(s) for s in group],
-                                    SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k),
-                                    seed=seed, batch_size=r.batch_size)
-        texts, res, rewards = self._score(gen, group, r.n)
-        batch = RolloutBatch.from_generation(gen, group, [self.prompt_text(p) for p in gen.prompt_ids], texts, r.n,
+        n = n or r.n
+        group = [s for s in samples for _ in range(n)]
+        if gen is None:
+            gen = self.backend.generate([self.render(s) for s in group],
+                                        SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k),
+                                        seed=seed, batch_size=r.batch_size)
+            self.ledger.generated(len(group), int(gen.lengths.sum()))
+        texts, res, rewards = self._score(gen, group, n)
+        batch = RolloutBatch.from_generation(gen, group, [self.prompt_text(p) for p in gen.prompt_ids], texts, n,
                                              policy_version=step, with_entropy=self.backend.reports_entropy)
         batch.rewards = torch.tensor(rewards, dtype=torch.float64)
         batch.components = dict(res.components)
@@ -289,7 +310,7 @@ class RLTrainer(Job):
             greedy = self.backend.generate([self.render(s) for s in samples],
                                            SamplingParams(r.max_new_tokens, temperature=0.0), batch_size=r.batch_size)
             base = self._score(greedy, samples, 1)[2]
-            batch.baseline_rewards = [b for b in base for _ in range(r.n)]
+            batch.baseline_rewards = [b for b in base for _ in range(n)]
         batch.validate()
         return batch
 
@@ -301,7 +322,9 @@ class RLTrainer(Job):
         from postrl.rollout.episodes import EpisodeTask
 
         tasks = [EpisodeTask(sample=s, seed=(seed + 7_919 * g) % 2**31) for g, s in enumerate(samples)]
-        return self.episodes.run(tasks, self.cfg.rollout.n, seed=seed, policy_version=step)
+        batch = self.episodes.run(tasks, self.cfg.rollout.n, seed=seed, policy_version=step)
+        self.ledger.generated(len(batch), int(batch.loss_mask.sum()))  # sampled tokens (not the environment's)
+        return batch
 
     def _correct(self, texts: list[str], samples: list, components: dict[str, list[float]]) -> list[bool]:
         """Exact correctness per completion; reuses the ``task`` reward's scores when that reward is configured
@@ -332,18 +355,21 @@ class RLTrainer(Job):
         """
         cfg, n, want = self.cfg, self.cfg.rollout.n, self.cfg.train.prompts_per_step
         base_seed = step_seed(cfg.run.seed, step)
+        self.ledger.reset()
         if self.dist is not None:  # every rank draws the step's prompts (same sampler state) and samples its own
             base_seed = distributed.rank_seed(base_seed, self.dist.rank)
             prompts = self.sampler.next_batch(want)
             return self._sample_groups([prompts[i] for i in self.my_prompts], base_seed, step)
         sample = self._sample_episodes if self.episodes is not None else self._sample_groups
+        if self.sampler.screen or self.guidance.name in ("guide", "luffy"):  # SPEED, Guide, LUFFY
+            return self._assembled_rollout(want, base_seed, step)
         if not cfg.algo.dynamic_sampling:
-            return sample(self.sampler.next_batch(want), base_seed, step)
+            return sample(self._draw(want, step), base_seed, step)
         kept: list[RolloutBatch] = []
         n_kept, tries, dropped = 0, 0, 0
         while n_kept < want and tries < cfg.algo.max_sampling_tries:
             # a seed stream of its own per try (base_seed + 7919 * k would be step s + k's seed)
-            part = sample(self.sampler.next_batch(want), (base_seed + 1_000_000_007 * tries) % 2**62, step)
+            part = sample(self._draw(want, step), (base_seed + 1_000_000_007 * tries) % 2**62, step)
             tries += 1
             keep = dynamic_sampling_keep(episode_returns(part).float(), n).tolist()
             groups = [g for g, k in enumerate(keep) if k][: want - n_kept]
@@ -351,10 +377,34 @@ class RLTrainer(Job):
             if groups:
                 kept.append(part.select([g * n + j for g in groups for j in range(n)]))
                 n_kept += len(groups)
+        trained_anyway = 0
         if not kept:  # every group was uniform: train on the last batch (its advantages are all 0)
-            kept = [part]
+            kept, trained_anyway = [part], len(part) // n
         batch = type(kept[0]).concat(kept, self.tokenizer.pad_token_id)  # reward counters: over everything sampled
         batch.sampling_tries, batch.groups_dropped = tries, dropped
+        self.ledger.discarded(n * (dropped - trained_anyway), dropped - trained_anyway)
+        return batch
+
+    def _draw(self, k: int, step: int) -> list:
+        """The next ``k`` prompts of the sampler, with QuestA's prefix hints when ``data.guidance`` says so."""
+        return self.guidance.prepare(self.sampler.next_batch(k), step)
+
+    def _assembled_rollout(self, want: int, seed: int, step: int) -> RolloutBatch:
+        """Groups assembled from several generations (postrl/rollout/selection.py, docs/curricula.md): SPEED's
+        screening rollouts, LUFFY's teacher traces, Guide's hinted regeneration of groups that all failed."""
+        n, pad = self.cfg.rollout.n, self.tokenizer.pad_token_id
+        sample_fn = partial(self._sample_groups, step=step)
+        if self.sampler.screen:
+            batch = speed_rollout(self.sampler, sample_fn, want, n, seed, pad, self.ledger,
+                                  draw=lambda k: self._draw(k, step))
+        elif self.guidance.name == "luffy":
+            batch = luffy_rollout(self._draw(want, step), self.guidance, sample_fn, self.tokenizer, self.render,
+                                  self.cfg.rollout.max_new_tokens, n, seed, pad)
+        else:
+            batch = sample_fn(self._draw(want, step), seed)
+        if self.guidance.name == "guide":
+            batch = guide_failed_groups(batch, n, self.guidance, sample_fn, self.render, self.prompt_text,
+                                        (seed + 2_718_281_829) % 2**62, pad, self.ledger)
         return batch
 
     def update(self, batch: RolloutBatch, step: int) -> dict[str, float]:
@@ -410,6 +460,10 @@ class RLTrainer(Job):
             baseline_rewards=torch.tensor(base, dtype=torch.float32) if base is not None else None,
             values=values, **turn_inputs,
         ).to(self.device)
+        lm = loss_mask.to(adv.device)  # the sampler's feedback: each completion's mean token advantage
+        self._row_advantages = ((adv * lm).sum(-1) / lm.sum(-1).clamp(min=1)).tolist()
+        # LUFFY: rows of teacher traces (policy_version -1) get the shaped probability instead of the clipped ratio
+        off_rows = batch.policy_version < 0 if getattr(self.guidance, "off_policy_shaping", False) else None
         if self.critic is not None:
             per_token = last_token_rewards(rewards.to(loss_mask.device), loss_mask)
             if token_rewards is not None:
@@ -460,6 +514,8 @@ class RLTrainer(Job):
                                               entropy_grad=True)
                 extra = {"entropy": ent.detach()} if needs_entropy else {}  # e.g. top_entropy's token selection
                 loss_tok, stats = self.policy_loss_fn(lp, old_lp[idx, :width], adv[idx, :width], m_mask, a, **extra)
+                if off_rows is not None:
+                    loss_tok = self.guidance.shape(loss_tok, lp, adv[idx, :width], off_rows[idx])
                 if tis_w is not None:
                     loss_tok = loss_tok * tis_w[idx, :width]
                 if ref_lp is not None:
@@ -612,6 +668,8 @@ class RLTrainer(Job):
             parts = self.dist.gather_objects(batch)
             batch = RolloutBatch.concat(parts, self.tokenizer.pad_token_id)
             batch.sampling_tries = parts[0].sampling_tries
+        else:  # the sampler's feedback: rewards and advantages of every completion (docs/curricula.md)
+            self.sampler.update(batch.samples, episode_returns(batch).tolist(), self._row_advantages)
         metrics = self._metrics(batch, upd, t_gen, time.time() - t0)
         if should_log_samples(step + 1, self.total_steps):  # best/worst completions, for reports
             run.log_samples(sample_log_record(step + 1, batch, self.cfg.rollout.n, tokenizer=self.tokenizer))
@@ -661,6 +719,14 @@ class RLTrainer(Job):
             record[f"reward_error_frac/{name}"] = float(np.mean(fails)) if fails else 0.0
         for (name, status), count in batch.reward_statuses.items():
             record[f"reward_status/{name}/{status}"] = count
+        # zero-variance accounting, per-task numbers of a mixture, the sampler's and guidance's (docs/curricula.md)
+        group_ids = batch.group_ids.tolist()
+        ledger = self.ledger.metrics(rewards, group_ids, (batch.policy_version >= 0).tolist())
+        record.update(ledger if self.dist is None else {"zero_var/group_frac": ledger["zero_var/group_frac"]})
+        record.update(per_task_metrics(batch.samples, rewards, batch.correct, group_ids,
+                                       getattr(self.source, "task_names", ())))
+        record.update(self.sampler.metrics())
+        record.update(self.guidance.metrics())
         return record
 
 
