@@ -145,7 +145,10 @@ def test_calculator_demonstrations_are_the_tokens_of_a_solved_episode():
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_maze_recipe_learns(tmp_path, seed):
-    """The recipe's claim (docs/agents.md): held-out greedy success <= 10% before, >= 60% after."""
+    """The recipe's claim (docs/agents.md): held-out greedy success <= 10% before, >= 60% after. Measured on the
+    development machine: 0 -> 96 / 66 / 68% for seeds 0 / 1 / 2, ~1 minute each; the policy still moves by up to
+    +-0.4 between evaluations after it has learned, so another machine's floating-point order can land a seed
+    below 60% (the docs give the per-step curves)."""
     cfg = load_config(RECIPES / "agent_maze_tiny.yaml", [f"run.seed={seed}", f"run.output_dir={tmp_path}",
                                                           "run.progress=false"])
     _, res = train(cfg)

@@ -329,11 +329,11 @@ def evaluate_env_model(spec: str, label: str, task: EnvTask, settings: EvalSetti
                              "samples_per_problem": n, "episodes_per_start": n}
     entry.update(summarize(values, settings.bootstrap, settings.seed, settings.ci_level))
     entry.pop("maj_at_k", None)  # no answers to vote on: episodes succeed or not
-    ends: dict[str, float] = {}
+    ends: dict[str, int] = {}
     for p in range(P):
         for e in sampled[p]:
-            ends[e.end] = ends.get(e.end, 0.0) + 1.0 / (P * n)
-    entry["end_reasons"] = dict(sorted(ends.items()))
+            ends[e.end] = ends.get(e.end, 0) + 1
+    entry["end_reasons"] = {k: v / (P * n) for k, v in sorted(ends.items())}
     entry["eval_time_s"] = time.time() - t0
     if samples_file is not None:
         rows = [("greedy", 0, r) for r in greedy_rows or []]
