@@ -145,7 +145,8 @@ SLOW_ON_TOY = {"w_reinforce": "lambda=0.1 W-REINFORCE plateaus at ~0.42 mean rew
 # RL recipes (postrl train); those with a preference/sft/stages section belong to postrl dpo / rm / sft / pipeline
 METHOD_RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if p.stem != "quickstart"
                         and not p.stem.startswith(("curriculum_", "guidance_"))  # data recipes: test_curricula_training
-                        and not {"preference", "sft", "stages"} & set(yaml.safe_load(p.read_text())))
+                        # agent recipes (an env section) train on episodes: tests/test_agent_recipes.py
+                        and not {"preference", "sft", "stages", "env"} & set(yaml.safe_load(p.read_text())))
 
 
 def _recipe_method_overrides(name: str) -> list[str]:
