@@ -179,53 +179,67 @@ def summary(args) -> None:
     if sdir.exists():
         lines += ["### samplers vs uniform", "",
                   "| method | seed | final acc | uniform final | tokens to reach it | uniform tokens | ratio | "
-                  "zero-var groups | uniform zero-var | change |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "zero-var sampled groups | uniform | change | zero-var trained groups | uniform |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         methods = sorted({p.name.rsplit("-s", 1)[0] for p in sdir.iterdir() if p.is_dir()})
         seeds = sorted({int(p.name.rsplit("-s", 1)[1]) for p in sdir.iterdir() if p.is_dir()})
         agg: dict[str, list] = {}
         for seed in seeds:
             u = sdir / f"uniform-s{seed}"
-            if not (u / "results.json").exists():
+            if not (u / "results.json").exists() or "eval_after" not in read(u)[1]:
                 continue
             urows, ures = read(u)
             ucurve = curve(urows, ures)
             target, utokens = ucurve[-1][2], ucurve[-1][1]
             uzero = sum(r["zero_var/sampled_group_frac"] for r in urows) / len(urows)
+            utrained = sum(r["zero_var/group_frac"] for r in urows) / len(urows)
             for m in methods:
                 d = sdir / f"{m}-s{seed}"
-                if not (d / "results.json").exists():
+                if not (d / "results.json").exists() or "eval_after" not in read(d)[1]:
                     continue
                 rows, res = read(d)
                 c = curve(rows, res)
                 reach = next((tok for _, tok, acc in c if acc >= target - 1e-9 and tok > 0), None)
                 zero = sum(r["zero_var/sampled_group_frac"] for r in rows) / len(rows)
+                trained = sum(r["zero_var/group_frac"] for r in rows) / len(rows)
                 ratio = reach / utokens if reach is not None else float("nan")
                 change = (zero - uzero) / uzero if uzero else float("nan")
-                agg.setdefault(m, []).append((c[-1][2], ratio, zero, change))
+                agg.setdefault(m, []).append((c[-1][2], ratio, zero, change, trained, utrained))
                 lines.append(f"| {m} | {seed} | {c[-1][2]:.3f} | {target:.3f} | "
                              f"{'never' if reach is None else f'{reach:,.0f}'} | {utokens:,.0f} | {ratio:.2f} | "
-                             f"{zero:.2f} | {uzero:.2f} | {change:+.0%} |")
+                             f"{zero:.2f} | {uzero:.2f} | {change:+.0%} | {trained:.2f} | {utrained:.2f} |")
         lines += ["", "| method | mean final acc | mean token ratio (reach / uniform final) | runs that reach | "
-                  "mean zero-var share | mean change vs uniform |", "|---|---|---|---|---|---|"]
+                  "mean zero-var share, sampled | change vs uniform | mean zero-var share, trained | change vs uniform |",
+                  "|---|---|---|---|---|---|---|---|"]
         for m, vals in agg.items():
             ratios = [v[1] for v in vals if not math.isnan(v[1])]
             lines.append(f"| {m} | {sum(v[0] for v in vals) / len(vals):.3f} | "
                          f"{(sum(ratios) / len(ratios)) if ratios else float('nan'):.2f} | {len(ratios)}/{len(vals)} | "
-                         f"{sum(v[2] for v in vals) / len(vals):.2f} | {sum(v[3] for v in vals) / len(vals):+.0%} |")
+                         f"{sum(v[2] for v in vals) / len(vals):.2f} | {sum(v[3] for v in vals) / len(vals):+.0%} | "
+                         f"{sum(v[4] for v in vals) / len(vals):.2f} | "
+                         f"{sum((v[4] - v[5]) / v[5] for v in vals) / len(vals):+.0%} |")
     gdir = OUT / "guidance"
     if gdir.exists():
         lines += ["", "### guidance on a split plain GRPO never solves", "",
                   "| method | seed | no-hint held-out greedy accuracy (95% bootstrap CI over problems) | pass@8 | "
-                  "train accuracy, last 10 steps |", "|---|---|---|---|---|"]
+                  "highest pass@8 at any evaluation | sampled training accuracy, last 10 steps |",
+                  "|---|---|---|---|---|---|"]
         for d in sorted(p for p in gdir.iterdir() if (p / "results.json").exists()):
             rows, res = read(d)
+            if "eval_after" not in res:  # still running
+                continue
             ev = res["eval_after"]
             acc = ev["accuracy"]
             per = [1.0] * round(acc * ev["n"]) + [0.0] * (ev["n"] - round(acc * ev["n"]))
             lo, hi = bootstrap_ci(per)
+            method = d.name.rsplit('-s', 1)[0]
             train_acc = sum(r["accuracy"] for r in rows[-10:]) / min(10, len(rows))
-            lines.append(f"| {d.name.rsplit('-s', 1)[0]} | {d.name.rsplit('-s', 1)[1]} | {acc:.3f} [{lo:.3f}, {hi:.3f}] | "
-                         f"{ev.get('pass@k', {}).get('8', float('nan')):.3f} | {train_acc:.3f} |")
+            if method == "luffy":  # the sampled completions only (1 of each group's 8 rows is the reference)
+                train_acc = (train_acc * 8 - 1) / 7
+            peak = max([res["eval_before"]["pass@k"]["8"], ev["pass@k"]["8"]]
+                       + [r["eval/pass@8"] for r in rows if "eval/pass@8" in r])
+            lines.append(f"| {method} | {d.name.rsplit('-s', 1)[1]} | {acc:.3f} [{lo:.3f}, {hi:.3f}] | "
+                         f"{ev.get('pass@k', {}).get('8', float('nan')):.3f} | {peak:.3f} | {train_acc:.3f} |")
     print("\n".join(lines))
 
 

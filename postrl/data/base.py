@@ -96,3 +96,14 @@ class PromptSource:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, train={len(self.train)}, eval={len(self.eval)})"
+
+
+def check_keyword_args(section: str, name: str, kwargs: dict, params: dict) -> None:
+    """Raise :class:`DataError` when ``kwargs`` (config ``section``, e.g. ``data.sampler``, method ``name``) hold
+    a key that is not in ``params`` (the method's keyword arguments with their defaults), listing the valid
+    keys with their defaults."""
+    bad = [k for k in kwargs if k not in params]
+    if bad:
+        valid = ", ".join(f"{k}={v!r}" for k, v in params.items()) or "(none)"
+        raise DataError(f"{section} {name!r} got unknown keys {', '.join(map(repr, bad))}; valid keys with "
+                        f"their defaults: {valid}")

@@ -24,7 +24,7 @@ import math
 import re
 from typing import Any, Callable, Sequence
 
-from .base import DataError, Sample
+from .base import DataError, Sample, check_keyword_args
 
 GUIDANCE: dict[str, type] = {}
 HINT_UNITS = ("char", "word", "line")
@@ -268,12 +268,7 @@ def build_guidance(name: str, kwargs: dict[str, Any], source: Any, seed: int, gr
     if name not in GUIDANCE:
         raise DataError(f"unknown guidance method {name!r}; valid: {', '.join(GUIDANCE)}")
     cls = GUIDANCE[name]
-    params = guidance_parameters(cls)
-    bad = [k for k in kwargs if k not in params]
-    if bad:
-        valid = ", ".join(f"{k}={v!r}" for k, v in params.items()) or "(none)"
-        raise DataError(f"data.guidance {name!r} got unknown keys {', '.join(map(repr, bad))}; valid keys with "
-                        f"their defaults: {valid}")
+    check_keyword_args("data.guidance", name, kwargs, guidance_parameters(cls))
     g = cls(source, seed=seed, group_size=group_size, total_steps=total_steps, **kwargs)
     g.check(source.train)
     return g

@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from .base import DataError
+from .base import DataError, check_keyword_args
 from .mixture import TASK_KEY, task_name
 from .sampler import PromptSampler
 
@@ -568,12 +568,7 @@ def build_sampler(name: str, kwargs: dict[str, Any], source: Any, seed: int, gro
     if name not in SAMPLERS:
         raise DataError(f"unknown prompt sampler {name!r}; valid samplers: {', '.join(sorted(SAMPLERS))}")
     cls = SAMPLERS[name]
-    params = sampler_parameters(cls)
-    bad = [k for k in kwargs if k not in params]
-    if bad:
-        valid = ", ".join(f"{k}={v!r}" for k, v in params.items()) or "(none)"
-        raise DataError(f"data.sampler {name!r} got unknown keys {', '.join(map(repr, bad))}; valid keys with "
-                        f"their defaults: {valid}")
+    check_keyword_args("data.sampler", name, kwargs, sampler_parameters(cls))
     return cls(source, seed=seed, group_size=group_size, **kwargs)
 
 

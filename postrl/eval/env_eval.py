@@ -39,6 +39,7 @@ from postrl.eval.runner import (
     _json_safe,
     check_model_spec,
     model_labels,
+    render_columns,
     resolve_model,
     resolve_out_dir,
     summarize,
@@ -382,13 +383,7 @@ def format_env_table(models: Sequence[dict[str, Any]]) -> str:
         if key == "success_rate":
             for k in sorted(models[0]["pass_at_k"], key=int):
                 rows.append((f"pass@{k} %", [_fmt(m["pass_at_k"][k], True) for m in models]))
-    names = [m["name"] for m in models]
-    width = max(24, *(len(r[0]) for r in rows))
-    cols = [max(len(name), *(len(r[1][i]) for r in rows)) for i, name in enumerate(names)]
-    lines = [" " * width + "  " + "  ".join(name.rjust(c) for name, c in zip(names, cols))]
-    for label, cells in rows:
-        lines.append(label.ljust(width) + "  " + "  ".join(cell.rjust(c) for cell, c in zip(cells, cols)))
-    return "\n".join(lines)
+    return render_columns([m["name"] for m in models], rows)
 
 
 def run_env_eval(model_specs: Sequence[str], task: EnvTask, settings: EvalSettings, out: Optional[str | Path] = None,

@@ -423,7 +423,11 @@ def format_table(models: Sequence[dict[str, Any]]) -> str:
         rows.append((f"distinct-{d}", [_fmt(m[f"distinct_{d}"], pct=False) for m in models]))
     rows.append(("distinct correct answers", [_fmt(m["distinct_correct_answers"], pct=False, digits=2)
                                                for m in models]))
-    names = [m["name"] for m in models]
+    return render_columns([m["name"] for m in models], rows)
+
+
+def render_columns(names: Sequence[str], rows: Sequence[tuple[str, list[str]]]) -> str:
+    """A text table with one right-aligned column per name and one labelled row per metric."""
     width = max(24, *(len(r[0]) for r in rows))
     cols = [max(len(name), *(len(r[1][i]) for r in rows)) for i, name in enumerate(names)]
     lines = [" " * width + "  " + "  ".join(name.rjust(c) for name, c in zip(names, cols))]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -55,6 +55,55 @@ def clipped_step(params: Iterable[torch.Tensor], optimizer: torch.optim.Optimize
     if ok:
         optimizer.step()
     return gnorm, ok
+
+
+def accumulated_update(items: list, micro: int, loss_of: Callable[[list], tuple[torch.Tensor, dict[str, float]]],
+                       params: list[torch.Tensor], optimizer: torch.optim.Optimizer, scheduler, grad_clip: float,
+                       dist=None, train_model=None) -> tuple[dict[str, float], float, float, bool]:
+    """One optimizer update over ``items``, in micro batches of ``micro`` with gradients accumulated.
+
+    ``loss_of(chunk)`` returns the chunk's loss, already normalised over the whole batch (so the chunk losses
+    add up to the batch loss), and statistics summed over the chunk's rows. Under ``dist``
+    (:class:`postrl.run.distributed.Dist`) each rank takes its share of ``items``; ranks with fewer chunks run
+    zero-weight passes (``loss_of`` on the first item, loss times 0, statistics not counted) so that every rank
+    makes the same collective calls, and every rank steps or none does. A non-finite loss skips the step.
+
+    Returns ``(sums, lr, grad_norm, stepped)``: ``sums["loss"]`` is the batch loss and the other entries the
+    statistics summed over the batch (over all ranks), ``lr`` the learning rate the step used. The gradients
+    are zeroed and the schedule stepped in every case.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    sums: dict[str, float] = {"loss": 0.0}
+    finite = True
+    chunks: list = [items[s:s + micro] for s in range(0, len(items), micro)]
+    if dist is not None:
+        mine = dist.share(items)
+        chunks = dist.pad_chunks([mine[s:s + micro] for s in range(0, len(mine), micro)])
+    for k, chunk in enumerate(chunks):
+        if dist is not None:
+            dist.set_grad_sync(train_model, last=k == len(chunks) - 1)
+        loss, stats = loss_of(chunk if chunk is not None else items[:1])
+        if chunk is None:
+            loss = loss * 0.0
+        if not torch.isfinite(loss):
+            finite = False
+            if dist is None:
+                break
+        if dist is None:
+            loss.backward()
+        else:
+            dist.backward(loss)
+        sums["loss"] += float(loss.detach())
+        for name, value in stats.items():
+            sums[name] = sums.get(name, 0.0) + (float(value) if chunk is not None else 0.0)
+    if dist is not None:  # every rank steps or none; each sum is the ranks' parts added up
+        finite = dist.all_true(finite)
+        sums = dict(zip(sums, dist.sums(list(sums.values()))))
+    lr = scheduler.get_last_lr()[0]
+    gnorm, ok = clipped_step(params, optimizer, grad_clip, finite)
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return sums, lr, gnorm, ok
 
 
 def stop_after_nonfinite_streak(streak: int, limit: int, step: int, checkpoints: Path, unit: str = "steps") -> None:

@@ -65,7 +65,7 @@ from postrl.models.loading import load_from_config
 from postrl.models.logprobs import completion_logprobs
 from postrl.run import Job, StepOutput, TrainingError, distributed, run_job
 from postrl.run.batching import epoch_batches, right_pad
-from postrl.run.optim import build_optimizer, clipped_step
+from postrl.run.optim import accumulated_update, build_optimizer
 from postrl.run.progress import PAIR_FIELDS
 from postrl.run.rng import step_seed
 
@@ -263,40 +263,13 @@ class PreferenceTrainer(Job):
         cfg = self.cfg
         micro = cfg.preference.micro_batch_size or cfg.preference.batch_size
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
-        finite = True
-        chunks = [batch[s:s + micro] for s in range(0, len(batch), micro)]
-        if self.dist is not None:  # this rank's share of the batch (the loss still divides by the whole batch)
-            mine = self.dist.share(batch)
-            chunks = self.dist.pad_chunks([mine[s:s + micro] for s in range(0, len(mine), micro)])
-        for n_pass, idx in enumerate(chunks):
-            if self.dist is not None:
-                self.dist.set_grad_sync(self.train_model, last=n_pass == len(chunks) - 1)
-            weight = 0.0 if idx is None else 1.0  # None: a zero-weight pass
-            losses, stats = self.batch_loss(items, ref, idx if idx is not None else batch[:1], kl_completions,
-                                            self.train_model)
-            loss = losses.sum() / len(batch)
-            if idx is None:
-                loss = loss * 0.0
-            if not torch.isfinite(loss):
-                finite = False
-                if self.dist is None:
-                    break
-            if self.dist is None:
-                loss.backward()
-            else:
-                self.dist.backward(loss)
-            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + weight * float(v.float().sum())
-        if self.dist is not None:  # every rank steps or none; each sum is the ranks' parts added up
-            finite = self.dist.all_true(finite)
-            sums = dict(zip(sums, self.dist.sums(list(sums.values()))))
-        lr = self.scheduler.get_last_lr()[0]
-        gnorm, ok = clipped_step(self.params, self.optimizer, cfg.train.grad_clip, finite)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+
+        def loss_of(idx: list[int]):
+            losses, stats = self.batch_loss(items, ref, idx, kl_completions, self.train_model)
+            return losses.sum() / len(batch), {k: float(v.float().sum()) for k, v in stats.items()}
+
+        sums, lr, gnorm, ok = accumulated_update(batch, micro, loss_of, self.params, self.optimizer, self.scheduler,
+                                                 cfg.train.grad_clip, self.dist, self.train_model)
         out = {k: (v if k == "loss" else v / len(batch)) for k, v in sums.items()}
         out.update(grad_norm=float(gnorm), lr=lr, skipped_update=0 if ok else 1, pairs=len(batch))
         return out

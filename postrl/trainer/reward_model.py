@@ -34,7 +34,7 @@ from postrl.data.pairs import TokenizedPair, load_preference_data
 from postrl.models.loading import ModelLoadError, resolve_device, resolve_dtype
 from postrl.run import Job, StepOutput, distributed, run_job
 from postrl.run.batching import epoch_batches, right_pad
-from postrl.run.optim import build_optimizer, clipped_step
+from postrl.run.optim import accumulated_update, build_optimizer
 from postrl.run.progress import PAIR_FIELDS
 
 
@@ -125,40 +125,15 @@ class RewardModelTrainer(Job):
         batch = epoch_batches(len(self.data.train), pf.batch_size, cfg.run.seed, epoch)[b]
         t0 = time.time()
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        sums = {"loss": 0.0, "accuracy": 0.0, "margins": 0.0}
-        finite = True
-        chunks = [batch[s:s + micro] for s in range(0, len(batch), micro)]
-        if self.dist is not None:  # this rank's share of the pairs (the loss still divides by the whole batch)
-            mine = self.dist.share(batch)
-            chunks = self.dist.pad_chunks([mine[s:s + micro] for s in range(0, len(mine), micro)])
-        for k, chunk in enumerate(chunks):
-            if self.dist is not None:
-                self.dist.set_grad_sync(self.train_model, last=k == len(chunks) - 1)
-            weight = 0.0 if chunk is None else 1.0  # None: a zero-weight pass
-            rc, rr, mg = self.scores(chunk if chunk is not None else batch[:1], self.data.train, self.train_model)
+
+        def loss_of(chunk: list[int]):
+            rc, rr, mg = self.scores(chunk, self.data.train, self.train_model)
             losses, st = bradley_terry_loss(rc, rr, mg if pf.use_margin else None)
-            loss = losses.sum() / len(batch)
-            if chunk is None:
-                loss = loss * 0.0
-            if not torch.isfinite(loss):
-                finite = False
-                if self.dist is None:
-                    break
-            if self.dist is None:
-                loss.backward()
-            else:
-                self.dist.backward(loss)
-            sums["loss"] += float(loss.detach())
-            sums["accuracy"] += weight * float(st["accuracy"].sum()) / len(batch)
-            sums["margins"] += weight * float(st["margins"].sum()) / len(batch)
-        if self.dist is not None:  # every rank steps or none; each sum is the ranks' parts added up
-            finite = self.dist.all_true(finite)
-            sums = dict(zip(sums, self.dist.sums(list(sums.values()))))
-        lr = self.scheduler.get_last_lr()[0]
-        gnorm, ok = clipped_step(self.params, self.optimizer, cfg.train.grad_clip, finite)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+            return losses.sum() / len(batch), {"accuracy": float(st["accuracy"].sum()) / len(batch),
+                                               "margins": float(st["margins"].sum()) / len(batch)}
+
+        sums, lr, gnorm, ok = accumulated_update(batch, micro, loss_of, self.params, self.optimizer, self.scheduler,
+                                                 cfg.train.grad_clip, self.dist, self.train_model)
         dt = time.time() - t0
         return StepOutput({"epoch": epoch + 1, **sums, "grad_norm": float(gnorm), "lr": lr,
                            "skipped_update": 0 if ok else 1, "step_time_s": dt, "pairs_per_s": len(batch) / dt}, ok=ok,

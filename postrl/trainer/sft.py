@@ -38,7 +38,7 @@ from postrl.data.sft import (
 from postrl.models.loading import load_from_config
 from postrl.models.logprobs import token_logprobs
 from postrl.run import Job, StepOutput, TrainingError, distributed, run_job
-from postrl.run.optim import build_optimizer, clipped_step
+from postrl.run.optim import accumulated_update, build_optimizer
 from postrl.run.rng import step_seed
 
 log = logging.getLogger(__name__)
@@ -151,34 +151,15 @@ class SFTTrainer(Job):
         micro = self.cfg.sft.micro_batch_size or self.cfg.sft.batch_size
         n_tokens = float(sum(sum(e.loss_mask) for r in rows for e in r))
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        total, finite = 0.0, True
-        chunks = [rows[s:s + micro] for s in range(0, len(rows), micro)]
-        if self.dist is not None:  # this rank's share of the batch (n_tokens is the whole batch's)
-            mine = self.dist.share(rows)
-            chunks = self.dist.pad_chunks([mine[s:s + micro] for s in range(0, len(mine), micro)])
-        for k, chunk in enumerate(chunks):
-            if self.dist is not None:
-                self.dist.set_grad_sync(self.train_model, last=k == len(chunks) - 1)
-            batch = self._tensors(chunk if chunk is not None else rows[:1])  # None: a zero-weight pass
-            loss = sft_loss(self._forward(batch, self.train_model), batch["input_ids"], batch["loss_mask"], n_tokens)
-            if chunk is None:
-                loss = loss * 0.0
-            if not torch.isfinite(loss):
-                finite = False
-                if self.dist is None:
-                    break
-            if self.dist is None:
-                loss.backward()
-            else:
-                self.dist.backward(loss)
-            total += float(loss.detach())
-        if self.dist is not None:  # every rank steps or none; the loss is the sum of the ranks' parts
-            finite, total = self.dist.all_true(finite), self.dist.sum(total)
-        lr = self.scheduler.get_last_lr()[0]
-        gnorm, ok = clipped_step(self.params, self.optimizer, self.cfg.train.grad_clip, finite)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+
+        def loss_of(chunk: list[list[SFTExample]]):
+            batch = self._tensors(chunk)
+            return sft_loss(self._forward(batch, self.train_model), batch["input_ids"], batch["loss_mask"],
+                            n_tokens), {}
+
+        sums, lr, gnorm, ok = accumulated_update(rows, micro, loss_of, self.params, self.optimizer, self.scheduler,
+                                                 self.cfg.train.grad_clip, self.dist, self.train_model)
+        total = sums["loss"]
         return {"loss": total if ok else float("nan"), "grad_norm": float(gnorm), "lr": lr, "ok": ok,
                 "target_tokens": n_tokens, "tokens": float(sum(len(e) for r in rows for e in r))}
 
