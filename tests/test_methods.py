@@ -151,6 +151,8 @@ METHOD_RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if p.stem != 
 
 def _recipe_method_overrides(name: str) -> list[str]:
     """The recipe's algo and critic settings as dotted overrides (its model and data are replaced by the toy task)."""
+    if name == "ppo_shared_backbone":  # the PPO recipe with the value head on the policy (critic.shared_backbone)
+        return _recipe_method_overrides("ppo") + ["critic.shared_backbone=true"]
     data = yaml.safe_load((RECIPES_DIR / f"{name}.yaml").read_text())
     out = []
     for section in ("algo", "critic"):
@@ -171,7 +173,7 @@ def _toy_param(name: str):
     return name
 
 
-@pytest.mark.parametrize("name", [_toy_param(n) for n in METHOD_RECIPES])
+@pytest.mark.parametrize("name", [_toy_param(n) for n in METHOD_RECIPES] + ["ppo_shared_backbone"])
 def test_every_recipe_learns_the_toy_task(tiny_config, name):
     """Each method's recipe, on the tiny model and the copy task of the core tests: chance -> >= 0.9."""
     method = _recipe_method_overrides(name)

@@ -70,7 +70,7 @@ Estimators declare extra inputs they require in ``fn.requires`` (e.g. ``("values
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -79,6 +79,9 @@ from torch import Tensor
 # (the config validates names against these registries), so the annotation stays a string.
 
 from .registry import register_advantage
+
+if TYPE_CHECKING:  # annotations only: postrl.config imports the registries of this package
+    from postrl.config.rl import AlgoConfig
 
 __all__ = [
     "asymre_advantages",

@@ -41,13 +41,16 @@ Every estimator has the registry's signature plus the episode fields it needs (d
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from .advantages import grpo_advantages, last_token_rewards, rloo_advantages
 from .registry import register_advantage
+
+if TYPE_CHECKING:  # annotations only: postrl.config imports the registries of this package
+    from postrl.config.rl import AlgoConfig
 
 __all__ = ["broadcast_turns", "discounted_turn_returns", "episode_returns", "gigpo_step_advantages",
            "turn_rewards"]

@@ -24,9 +24,7 @@ SEQUENCE_LEVEL_LOSSES = ("gspo", "gmpo")  # one loss per sequence, broadcast ove
 # Settings whose trainer side is not wired yet (issue 17): the pure maths is in postrl/algorithms, the
 # RL trainer does not act on them, so a config that sets them is refused rather than silently ignored.
 # Each entry: (setting, what the trainer must do). The trainer's owner removes an entry when wiring it.
-PENDING_TRAINER_HOOKS: tuple[tuple[str, str], ...] = (
-    ("critic.shared_backbone", "needs a value head on the policy model and the joint loss"),
-)
+PENDING_TRAINER_HOOKS: tuple[tuple[str, str], ...] = ()
 SCORING_MODES = ("sum_then_normalize", "normalize_each_then_sum")
 STRATEGIES = ("none", "ddp", "fsdp")
 MIXED_PRECISION = ("none", "bf16")
@@ -313,6 +311,12 @@ class AlgoConfig:
         """Pieces that are each valid but do not fit together. The rules name built-in methods only; a
         method registered by a user should raise ValueError on inputs it cannot use."""
         refused = [
+            (bool(cfg.critic.shared_backbone) and self.advantage != "gae",
+             f"critic.shared_backbone=true adds a value head for algo.advantage=gae (PPO); algo.advantage="
+             f"{self.advantage} uses no value model, so the head would never be used."),
+            (bool(cfg.critic.shared_backbone) and cfg.critic.name_or_path is not None,
+             f"critic.shared_backbone=true puts the value head on the policy model; critic.name_or_path="
+             f"{cfg.critic.name_or_path!r} names a separate critic model: set one or the other."),
             (self.kl_in_reward and self.kl_coef == 0,
              "algo.kl_in_reward=true needs algo.kl_coef > 0 (the KL penalty it puts into the reward)."),
             (self.kl_target > 0 and self.kl_coef == 0,
@@ -364,8 +368,6 @@ class AlgoConfig:
             return self.distill_teacher is not None
         if setting == "algo.ref_reset_every":
             return self.ref_reset_every > 0
-        if setting == "critic.shared_backbone":
-            return bool(cfg.critic.shared_backbone)
         raise KeyError(setting)
 
     def _round_two_combinations(self, cfg: ConfigTree) -> list[tuple[bool, str]]:

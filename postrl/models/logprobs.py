@@ -47,6 +47,39 @@ def completion_logprobs(
     T = completion_ids.shape[1]
     logits = model(input_ids=input_ids, attention_mask=attn, position_ids=positions,
                    use_cache=False, logits_to_keep=T + 1).logits[:, :-1, :].float()
+    return _from_logits(logits, completion_ids, completion_mask, temperature, with_entropy, entropy_grad)
+
+
+def completion_logprobs_and_values(
+    model,
+    value_head,
+    prompts: list[list[int]],
+    completion_ids: Tensor,
+    completion_mask: Tensor,
+    pad_id: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """:func:`completion_logprobs` and the values of a value head on the same backbone, from one forward pass.
+
+    The decoder's last hidden state (after its final norm) at the position whose logits sample token t goes
+    through the LM head (log-prob of token t) and through ``value_head`` (``V(s_t)``, the value of the prefix
+    before token t, as :class:`postrl.models.value.ValueModel` defines it). Returns ``(logprobs [B, T],
+    entropy [B, T] or None, values [B, T])``, 0 at padding; gradients flow into the backbone from both.
+    """
+    input_ids, attn, positions = build_inputs(prompts, completion_ids, completion_mask, pad_id)
+    T = completion_ids.shape[1]
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attn, position_ids=positions,
+                                 use_cache=False).last_hidden_state[:, -T - 1:-1, :]
+    logits = model.get_output_embeddings()(hidden).float()
+    values = value_head(hidden).squeeze(-1).float() * completion_mask.to(torch.float32)
+    lp, ent = _from_logits(logits, completion_ids, completion_mask, temperature, with_entropy, entropy_grad)
+    return lp, ent, values
+
+
+def _from_logits(logits: Tensor, completion_ids: Tensor, completion_mask: Tensor, temperature: float,
+                 with_entropy: bool, entropy_grad: bool) -> tuple[Tensor, Tensor | None]:
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     mask = completion_mask.to(logits.dtype)

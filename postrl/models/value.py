@@ -33,3 +33,20 @@ class ValueModel(nn.Module):
         hidden = self.backbone(input_ids=input_ids, attention_mask=attn, position_ids=positions,
                                use_cache=False).last_hidden_state[:, -T - 1:-1, :]
         return self.head(hidden).squeeze(-1).float() * completion_mask.to(torch.float32)
+
+
+class ValueHead(nn.Module):
+    """A value head on the policy's own backbone (``critic.shared_backbone``): a zero-initialised linear map
+    of the decoder's last hidden state to a scalar, so every value starts at 0. Its input is the hidden state
+    at the position whose logits sample token t (see :func:`postrl.models.logprobs.completion_logprobs_and_values`)."""
+
+    def __init__(self, causal_lm):
+        super().__init__()
+        self.head = nn.Linear(causal_lm.config.hidden_size, 1)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        ref = next(causal_lm.parameters())
+        self.head.to(ref.device, ref.dtype)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.head(hidden)

@@ -34,7 +34,7 @@ from postrl.algorithms.advantages import gae_advantages_and_returns, last_token_
 from postrl.algorithms.kl_control import build_kl_controller, kl_penalty_rewards, reference_reset_due
 from postrl.algorithms.policy_losses import tis_weights
 from postrl.algorithms.shaping import dynamic_sampling_keep, overlong_filter_mask, overlong_penalty
-from postrl.algorithms.value_losses import clipped_value_loss
+from postrl.algorithms.value_losses import clipped_value_loss, shared_backbone_loss
 from postrl.config import Config, ConfigError, check_command
 from postrl.data import build_data_source, build_messages, render_prompt
 from postrl.data.guidance import build_guidance
@@ -44,8 +44,8 @@ from postrl.data.sources import CORRECT_EPS
 from postrl.eval.report import sample_log_record, should_log_samples
 from postrl.eval.runner import flat_eval_metrics, heldout_eval
 from postrl.models.loading import load_from_config
-from postrl.models.logprobs import completion_logprobs
-from postrl.models.value import ValueModel
+from postrl.models.logprobs import completion_logprobs, completion_logprobs_and_values
+from postrl.models.value import ValueHead, ValueModel
 from postrl.rewards import RewardContext, RewardPipeline, check_reward_kwargs, resolve_reward
 from postrl.rollout.backend import build_backend
 from postrl.rollout.batch import RolloutBatch
@@ -153,9 +153,13 @@ class RLTrainer(Job):
 
         self.total_steps = cfg.train.steps
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.value_head = None  # critic.shared_backbone: a value head on the policy, trained in the policy's loss
+        if "values" in self.requires and cfg.critic.shared_backbone:
+            self.value_head = ValueHead(self.model)
+            self.params += list(self.value_head.parameters())
         self.optimizer, self.scheduler = build_optimizer(self.params, cfg.train, self.total_steps)
         self.critic, self.critic_optimizer = None, None
-        if "values" in self.requires:  # e.g. PPO's GAE: a learned value model
+        if "values" in self.requires and self.value_head is None:  # e.g. PPO's GAE: a separate value model
             self.critic = ValueModel(load_from_config(cfg.model, cfg.critic.name_or_path)[0])
             self.critic_train = self.critic if self.dist is None else self.dist.prepare(self.critic)
             t = cfg.train
@@ -221,6 +225,7 @@ class RLTrainer(Job):
             **({"critic": self.critic.state_dict(), "critic_optimizer": self.critic_optimizer.state_dict()}
                if self.critic is not None and not self._sharded else {}),
             "algo_state": self.algo_state,
+            **({"value_head": self.value_head.state_dict()} if self.value_head is not None else {}),
             # ProRL: after a reset the reference is no longer model.name_or_path, so it travels with the run
             **({"reference": self.ref_model.state_dict()} if self.cfg.algo.ref_reset_every and self.ref_model
                is not None else {}),
@@ -233,6 +238,8 @@ class RLTrainer(Job):
         if "kl_controller" in state:  # absent in checkpoints written before the algorithm library
             self.kl_ctl.load_state_dict(state["kl_controller"])
         self.algo_state = state.get("algo_state", {})
+        if self.value_head is not None:
+            self.value_head.load_state_dict(state["value_head"])
         if self.critic is not None and "critic" in state:  # else: restored from the sharded checkpoint
             self.critic.load_state_dict(state["critic"])
             self.critic_optimizer.load_state_dict(state["critic_optimizer"])
@@ -256,6 +263,10 @@ class RLTrainer(Job):
         if cfg.algo.dynamic_sampling:
             raise ConfigError("algo.dynamic_sampling draws a different number of batches on each rank; it runs in "
                               "one process only (train.strategy=none) for now")
+        if cfg.critic.shared_backbone:
+            raise ConfigError("critic.shared_backbone calls the policy's decoder and heads directly, past the "
+                              "DDP/FSDP wrapper; it runs in one process only (train.strategy=none) for now; under "
+                              "torchrun use the separate critic (critic.shared_backbone=false)")
         if self.episodes is not None:
             raise ConfigError(f"env.name={cfg.env.name!r}: multi-turn episodes run in one process only "
                               "(train.strategy=none) for now")
@@ -446,6 +457,15 @@ class RLTrainer(Job):
             token_rewards = batch.token_rewards if token_rewards is None else token_rewards + batch.token_rewards
         base = batch.baseline_rewards
         values = critic_out = None
+        if self.value_head is not None:  # the rollout-time values V_old(s_t) of the shared value head
+            was_training = self.model.training
+            self.model.eval()
+            with torch.no_grad():
+                values = torch.cat([torch.nn.functional.pad(
+                    completion_logprobs_and_values(self.model, self.value_head, prompts[i:i + micro], ids[i:i + micro],
+                                                   mask[i:i + micro], pad, temp)[2],
+                    (0, ids.shape[1] - ids[i:i + micro].shape[1])) for i in range(0, B, micro)])
+            self.model.train(was_training)
         if self.critic is not None:
             with torch.no_grad():
                 self.critic.eval()
@@ -464,11 +484,15 @@ class RLTrainer(Job):
         self._row_advantages = ((adv * lm).sum(-1) / lm.sum(-1).clamp(min=1)).tolist()
         # LUFFY: rows of teacher traces (policy_version -1) get the shaped probability instead of the clipped ratio
         off_rows = batch.policy_version < 0 if getattr(self.guidance, "off_policy_shaping", False) else None
-        if self.critic is not None:
+        returns = None
+        if values is not None:
             per_token = last_token_rewards(rewards.to(loss_mask.device), loss_mask)
             if token_rewards is not None:
                 per_token = per_token + token_rewards
             returns = gae_advantages_and_returns(per_token, values, loss_mask, a.gamma, a.lam)[1]
+        # shared backbone: during the critic warm-up the joint loss is the value loss alone
+        policy_weight = 0.0 if self.value_head is not None and step < cfg.critic.warmup_steps else 1.0
+        if self.critic is not None:
             critic_out = self.update_critic(prompts, ids, mask, loss_mask, values, returns, step)
             if step < cfg.critic.warmup_steps:  # critic warm-up: the policy waits
                 return {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "lr": self.scheduler.get_last_lr()[0],
@@ -482,6 +506,8 @@ class RLTrainer(Job):
                      and getattr(self.policy_loss_fn, "zero_at_zero_advantage", False))
         needs_entropy = "entropy" in getattr(self.policy_loss_fn, "requires", ())
         sums = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "kl_ref": 0.0}
+        if self.value_head is not None:
+            sums.update(value_loss=0.0, value_clip_tokens=0.0)
         tokens_seen, grad_norms, skipped, updates, rows_computed = 0.0, [], 0, 0, 0
         lr = self.scheduler.get_last_lr()[0]
         self.model.train()
@@ -509,9 +535,15 @@ class RLTrainer(Job):
                     m_mask = torch.zeros_like(m_mask)
                 if self.dist is not None:  # gradients synchronised in the last pass of the update
                     self.dist.set_grad_sync(self.train_model, last=k == len(chunks) - 1)
-                lp, ent = completion_logprobs(self.train_model, [prompts[i] for i in idx], m_ids, mask[idx, :width],
-                                              pad, temp, with_entropy=a.entropy_coef > 0 or needs_entropy,
-                                              entropy_grad=True)
+                with_entropy = a.entropy_coef > 0 or needs_entropy
+                if self.value_head is None:
+                    lp, ent = completion_logprobs(self.train_model, [prompts[i] for i in idx], m_ids,
+                                                  mask[idx, :width], pad, temp, with_entropy=with_entropy,
+                                                  entropy_grad=True)
+                else:  # one forward: log-probs from the LM head, values from the value head
+                    lp, ent, v = completion_logprobs_and_values(
+                        self.train_model, self.value_head, [prompts[i] for i in idx], m_ids, mask[idx, :width], pad,
+                        temp, with_entropy=with_entropy, entropy_grad=True)
                 extra = {"entropy": ent.detach()} if needs_entropy else {}  # e.g. top_entropy's token selection
                 loss_tok, stats = self.policy_loss_fn(lp, old_lp[idx, :width], adv[idx, :width], m_mask, a, **extra)
                 if off_rows is not None:
@@ -526,6 +558,13 @@ class RLTrainer(Job):
                 if a.entropy_coef > 0:
                     loss_tok = loss_tok - a.entropy_coef * ent
                 loss = self.agg_fn(loss_tok, m_mask, **norms)
+                if self.value_head is not None:  # PPO's joint loss, eq. 9: L_policy + c1 * L_value
+                    v_tok, v_clipped = clipped_value_loss(v, values[idx, :width], returns[idx, :width],
+                                                          cfg.critic.value_clip)
+                    v_loss = LOSS_AGGREGATIONS["token_mean"](v_tok, m_mask, **norms)
+                    loss = shared_backbone_loss(policy_weight * loss, v_loss, cfg.critic.value_coef)
+                    sums["value_loss"] += float(v_loss.detach())
+                    sums["value_clip_tokens"] += float((v_clipped * m_mask).sum())
                 if not torch.isfinite(loss):
                     finite = False
                     if self.dist is None:
@@ -576,6 +615,13 @@ class RLTrainer(Job):
             out[f"tis/{k}"] = float(v)
         if critic_out is not None:
             out.update(critic_out, policy_frozen=0)
+        if self.value_head is not None:
+            valid = loss_mask.bool()
+            out.update(value_loss=sums["value_loss"] / max(updates, 1),
+                       value_clip_frac=sums["value_clip_tokens"] / denom,
+                       values_mean=float(values[valid].mean()) if valid.any() else 0.0,
+                       returns_mean=float(returns[valid].mean()) if valid.any() else 0.0,
+                       policy_frozen=int(policy_weight == 0.0))
         return out
 
     def _mini_batches(self, loss_mask: torch.Tensor, step: int, salt: int):
