@@ -1,12 +1,17 @@
 """Where generation time goes on this machine: one decode step of SmolLM2-135M at batch B, split into
 its matrix products, against the 2048^2 matmul throughput that bench_grpo.py uses for the FLOP limit.
 
-    python benchmarks/bench_decode.py [--batch 64] [--threads 2]
+    python benchmarks/bench_decode.py [--batch 64] [--threads 2] [--compile]
+    python benchmarks/bench_decode.py --tiny --batch 8 --new-tokens 8     # smoke run, seconds
 
 Prints: the model's own decode step (one token for B rows, KV cache of 50 tokens, no sampling), the
 same step's linear layers measured alone (per layer: q, k, v, o, gate, up, down at the model's shapes;
-and the LM head), each as GFLOP/s, and postrl's Generator on B distinct 50-token prompts x 32 tokens
-(prefill included). It shows how far a zero-overhead decode loop around this forward could go.
+and the LM head), each as GFLOP/s; postrl's fused decode step (postrl/models/fast_llama.py) at the same
+shapes (and its torch.compile'd variant with --compile); postrl's Generator on B distinct 50-token prompts
+x 32 tokens (prefill included) with the transformers forward and with the fused one, as tokens/s and as
+a share of the FLOP-bound limit (2048^2 matmul throughput / FLOPs per token, as in BENCHMARKS.md); and
+continuous batching: 4B prompts through a decode batch of B, with a few frequent tokens as extra EOS ids
+so that completions end at different steps, chunked vs refilled.
 """
 
 from __future__ import annotations
@@ -33,13 +38,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    ap.add_argument("--tiny", action="store_true", help="postrl.models.tiny instead of --model (smoke run)")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile of the fused decode step")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     from postrl.models.loading import load_model_and_tokenizer
     from postrl.rollout.generator import Generator, SamplingParams
 
-    model, tok = load_model_and_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct", dtype="float32", device="cpu")[:2]
+    name = args.model
+    if args.tiny:
+        import tempfile
+
+        from postrl.models.tiny import build_tiny_model
+        name = str(build_tiny_model(tempfile.mkdtemp() + "/tiny", hidden_size=128, num_layers=4))
+    model, tok = load_model_and_tokenizer(name, dtype="float32", device="cpu")[:2]
     model.eval()
     cfg, B = model.config, args.batch
     d, inter, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
@@ -49,7 +64,8 @@ def main() -> None:
 
     cache_kw = Generator(model, tok.eos_token_id, tok.pad_token_id)._cache_kw  # `cache` or `past_key_values`
     with torch.inference_mode():
-        ids = torch.randint(100, 1000, (B, 50))
+        lo, hi = (100, 1000) if cfg.vocab_size >= 1000 else (1, cfg.vocab_size)  # (1, vocab): --tiny
+        ids = torch.randint(lo, hi, (B, 50))
         # a fresh prefilled cache per timing would be cleaner; the cache grows by 1 token per call (50 -> ~62)
         cache = model(input_ids=ids, use_cache=True).past_key_values
         state = {"attn": torch.ones(B, 51, dtype=torch.long)}
@@ -82,14 +98,65 @@ def main() -> None:
     print(f"  LM head ({head.shape[0]} x {head.shape[1]}): {t_head * 1e3:.1f} ms ({head_flops / t_head / 1e9:.1f} GFLOP/s)")
     print(f"  everything else (attention, norms, rotary, framework): "
           f"{(t_step - t_layer * n_layers - t_head) * 1e3:.1f} ms")
-    gen = Generator(model, tok.eos_token_id, tok.pad_token_id)
-    prompts = [[100 + (i + j) % 800 for i in range(50)] for j in range(B)]
-    start = time.perf_counter()
-    out = gen.generate(prompts, SamplingParams(max_new_tokens=32, temperature=1.0), seed=0)
-    dt = time.perf_counter() - start
-    n = int(out.completion_mask.sum())
-    print(f"postrl Generator, {B} distinct 50-token prompts x 32 tokens: {dt:.2f} s for {n} tokens "
-          f"({out.decode_steps} steps; prefill of {50 * B} prompt tokens included)")
+    from postrl.models.fast_llama import FusedLlama
+
+    vocab = model.config.vocab_size
+    with torch.inference_mode():
+        ids = torch.randint(lo, hi, (B, 50))
+        fused_steps = {"eager": FusedLlama(model)}
+        if args.compile:
+            fused_steps["compiled"] = FusedLlama(model, compile=True)
+        for label, fused in fused_steps.items():
+            cache = fused.new_cache(B, 50 + 64)
+            fused.prefill(cache, torch.arange(B), ids, torch.ones_like(ids))
+            tokens = ids[:, -1]
+            if label == "compiled":
+                start = time.perf_counter()
+                for _ in range(3):
+                    fused.decode(cache, tokens)
+                print(f"torch.compile of the fused decode step: {time.perf_counter() - start:.1f} s to compile "
+                      "and run 3 steps")
+            t_fused = median_time(lambda: fused.decode(cache, tokens))  # the cache grows by 1 token per call
+            print(f"fused decode step ({label}), B={B}: {t_fused * 1e3:.1f} ms = {B / t_fused:.0f} tokens/s "
+                  f"({t_step / t_fused:.2f}x the model's step)")
+    # FLOP-bound limit as in BENCHMARKS.md: 2 (N_nonembed + N_lm_head) + 2 n_layer n_ctx d_attn per token, n_ctx=50
+    n_params = sum(p.numel() for p in model.parameters())
+    n_embed = model.get_input_embeddings().weight.numel()
+    n_head = head.numel()
+    tied = head.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    n_nonembed = n_params - n_embed - (0 if tied else n_head)
+    d_attn = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads)
+    flops_token = 2 * (n_nonembed + n_head) + 2 * n_layers * 50 * d_attn
+    limit = big * 1e9 / flops_token
+    print(f"FLOP-bound limit: {flops_token / 1e6:.1f} MFLOP per token -> {limit:.0f} generated tokens/s")
+    prompts = [[lo + (i + j) % (hi - lo) for i in range(50)] for j in range(B)]
+    params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0)
+    for decode in ("transformers", "fused"):
+        gen = Generator(model, tok.eos_token_id, tok.pad_token_id, decode=decode)
+        gen.generate(prompts[:2], SamplingParams(max_new_tokens=2), seed=0)  # warm-up
+        start = time.perf_counter()
+        out = gen.generate(prompts, params, seed=0)
+        dt = time.perf_counter() - start
+        n = int(out.completion_mask.sum())
+        print(f"postrl Generator decode={decode}, {B} distinct 50-token prompts x {args.new_tokens} tokens: "
+              f"{dt:.2f} s for {n} tokens = {n / dt:.0f} tokens/s = {100 * n / dt / limit:.1f}% of the limit "
+              f"({out.decode_steps} steps; prefill of {50 * B} prompt tokens included)")
+
+    # continuous batching: 4B prompts through B decode rows; completions end early at a few frequent tokens
+    many = [prompts[j % B][:50 - (j % 7)] + [1 + j % (vocab - 1)] for j in range(4 * B)]
+    probe = Generator(model, tok.eos_token_id, tok.pad_token_id).generate(many[:B], params, seed=1)
+    common = torch.bincount(probe.completion_ids[probe.completion_mask.bool()], minlength=vocab).topk(3).indices
+    eos = [tok.eos_token_id] + common.tolist()
+    for cb in (False, True):
+        gen = Generator(model, eos, tok.pad_token_id, decode="fused", continuous_batching=cb)
+        start = time.perf_counter()
+        out = gen.generate(many, params, seed=0, batch_size=B)
+        dt = time.perf_counter() - start
+        n = int(out.completion_mask.sum())
+        how = "continuous batching" if cb else "chunks of B"
+        print(f"fused, {4 * B} prompts, batch_size={B}, {how}: "
+              f"{dt:.2f} s for {n} tokens = {n / dt:.0f} tokens/s, {out.decode_steps} decode steps, "
+              f"mean length {n / (4 * B):.1f}")
 
 
 if __name__ == "__main__":

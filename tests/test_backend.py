@@ -53,7 +53,8 @@ def test_torch_backend_generates_in_eval_mode_and_restores_the_mode(tiny):
     model, tok = tiny
     backend = build_backend("torch", model, tok)
     modes = []
-    hook = model.register_forward_pre_hook(lambda module, args: modes.append(module.training))
+    # on the embedding: the fused decode path (postrl/models/fast_llama.py) calls it, not model.forward
+    hook = model.get_input_embeddings().register_forward_pre_hook(lambda module, args: modes.append(module.training))
     try:
         for training in (True, False):
             model.train(training)

@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from postrl.config import (
     MOVED_KEYS,
@@ -312,7 +313,7 @@ def test_preference_loss_keys_live_in_preference() -> None:
 
 @pytest.mark.parametrize("old, new", sorted(MOVED_KEYS.items()))
 def test_moved_key_names_its_new_place(tmp_path: Path, old: str, new: str) -> None:
-    value = "dpo" if old == "algo.preference_loss" else "0.1"
+    value = {"algo.preference_loss": "dpo", "rollout.async": "true"}.get(old, "0.1")
     section, key = old.split(".")
     expected = f"{old} moved to {new}"
     with pytest.raises(ConfigError, match=expected):
@@ -322,18 +323,20 @@ def test_moved_key_names_its_new_place(tmp_path: Path, old: str, new: str) -> No
     with pytest.raises(ConfigError, match=expected):  # as in a pipeline stage's config
         from_dict(Config, {section: {key: value}})
     new_section, new_key = new.split(".")
-    assert str(getattr(from_dict(Config, {new_section: {new_key: value}}).preference, new_key)) == value
+    typed = yaml.safe_load(value)  # a bool key takes a bool from a mapping (overrides and files parse YAML)
+    assert getattr(getattr(from_dict(Config, {new_section: {new_key: typed}}), new_section), new_key) == typed
 
 
-def test_moved_keys_are_the_preference_loss_parameters() -> None:
+def test_moved_keys_are_the_preference_loss_parameters_and_rollout_async() -> None:
     assert MOVED_KEYS == {
         "algo.preference_loss": "preference.loss",
         **{f"algo.{key}": f"preference.{key}" for key in (
             "beta", "label_smoothing", "simpo_gamma", "orpo_lambda", "slic_delta", "slic_lambda", "kto_lambda_d",
             "kto_lambda_u")},
+        "rollout.async": "rollout.async_generation",  # `async` is a Python keyword
     }
     preference_keys = {f.name for f in dataclasses.fields(PreferenceConfig)}
-    assert {new.split(".")[1] for new in MOVED_KEYS.values()} <= preference_keys
+    assert {new.split(".")[1] for new in MOVED_KEYS.values() if new.startswith("preference.")} <= preference_keys
 
 
 # --------------------------------------------------------------------------------------------------

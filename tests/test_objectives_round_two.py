@@ -104,6 +104,17 @@ def test_passk_with_k_1_is_grpo_and_refuses_non_binary_rewards():
         ADVANTAGES["passk"](t([1, 0], torch.float32), mask, 2, cfg(), token_rewards=torch.zeros(2, 2))
 
 
+def test_passk_estimator_counts_partial_credit_as_a_fail_like_eval_pass_at_k():
+    # reasoning-gym gives "5.0" for 5 a score of 1/3: not a pass, as postrl eval counts pass@k. Group of 4 with
+    # rewards [1, 1/3, 0.5, 0] = passes [1, 0, 0, 0], k = 2: A_pos = 1, A_neg = -1/3 (by hand above)
+    mask = torch.ones(4, 2)
+    out = ADVANTAGES["passk"](t([1.0, 1 / 3, 0.5, 0.0], torch.float32), mask, 4, cfg(passk_k=2))
+    assert torch.allclose(out[:, 0], t([1.0, -1 / 3, -1 / 3, -1 / 3], torch.float32), atol=1e-6)
+    assert torch.equal(out[:, 0], out[:, 1])
+    with pytest.raises(ValueError, match="rewards in \\[0, 1\\]"):
+        ADVANTAGES["passk"](t([1.5, 0.0], torch.float32), torch.ones(2, 1), 2, cfg(passk_k=1))
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # GFPO
 # ------------------------------------------------------------------------------------------------------------------

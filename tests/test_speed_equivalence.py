@@ -202,3 +202,41 @@ def test_length_sorted_micro_batches_give_the_same_gradient(tiny_config):
     for a, b in zip(sorted_grads, plain_grads):
         assert torch.allclose(a, b, atol=1e-5 * scale, rtol=1e-5)
     trainer.close()
+
+
+def test_fused_adamw_takes_the_same_steps_as_the_per_tensor_loop():
+    """build_optimizer picks torch's fused AdamW kernel on CPU; ten steps with weight decay and a schedule give
+    the same weights as the per-tensor loop (foreach=False) to float rounding."""
+    from types import SimpleNamespace
+
+    from postrl.run.optim import adamw_implementation, build_optimizer
+
+    torch.manual_seed(0)
+    shapes = [(64, 48), (48,), (7, 3, 5)]
+    start = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) for s in shapes] for _ in range(10)]
+    train = SimpleNamespace(lr=1e-2, adam_betas=[0.9, 0.95], weight_decay=0.1, lr_schedule="cosine", warmup_steps=2)
+
+    def run(fast: bool) -> list[torch.Tensor]:
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        if fast:
+            assert adamw_implementation(params) == {"fused": True}
+            opt, sched = build_optimizer(params, train, total_steps=10)
+            assert opt.defaults["fused"] is True
+        else:
+            opt = torch.optim.AdamW(params, lr=train.lr, betas=tuple(train.adam_betas),
+                                    weight_decay=train.weight_decay, foreach=False)
+            from postrl.run.optim import lr_lambda
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("cosine", 2, 10))
+        for g in grads:
+            for p, gi in zip(params, g):
+                p.grad = gi.clone()
+            opt.step()
+            sched.step()
+        return [p.detach() for p in params]
+
+    fast, loop = run(True), run(False)
+    for a, b in zip(fast, loop):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-6)
+    assert max(float((a - s).abs().max()) for a, s in zip(fast, start)) > 1e-2  # the weights moved
+    assert adamw_implementation([torch.nn.Parameter(torch.zeros(2, dtype=torch.long), requires_grad=False)]) == {}

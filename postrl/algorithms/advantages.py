@@ -78,6 +78,8 @@ from torch import Tensor
 # ``cfg: AlgoConfig`` is postrl.config.AlgoConfig (the algo section); algorithms never import the config
 # (the config validates names against these registries), so the annotation stays a string.
 
+from postrl.data.base import CORRECT_EPS
+
 from .registry import register_advantage
 
 if TYPE_CHECKING:  # annotations only: postrl.config imports the registries of this package
@@ -716,13 +718,22 @@ def passk(rewards: Tensor, mask: Tensor, group_size: int, cfg: AlgoConfig, *,
           token_rewards: Tensor | None = None, values: Tensor | None = None,
           baseline_rewards: Tensor | None = None, state: dict[str, Any] | None = None) -> Tensor:
     """Pass@k training (Chen et al. 2025, arXiv:2508.10751, analytic advantage): each completion's
-    advantage under a pass@``cfg.passk_k`` group reward, broadcast over its tokens. Binary rewards only;
-    refuses KL token rewards. See :func:`passk_advantages`."""
+    advantage under a pass@``cfg.passk_k`` group reward, broadcast over its tokens; refuses KL token rewards.
+    See :func:`passk_advantages`.
+
+    A completion *passes* when its reward is ``>= 1 - CORRECT_EPS``, the rule by which ``postrl eval`` counts a
+    sample correct for pass@k: partial credit (reasoning-gym scores e.g. ``"5.0"`` for ``5`` as 1/3) is a fail.
+    Rewards outside [0, 1] raise ``ValueError`` (a pass needs a scale on which 1 means right)."""
     r, valid = _prepare("passk", rewards, mask)
     if token_rewards is not None:
         raise ValueError("passk needs binary outcome rewards and cannot take per-token rewards: "
                          "put the KL penalty in the loss (algo.kl_in_reward=false)")
-    return _broadcast(passk_advantages(r, group_size, cfg.passk_k), valid)
+    if r.numel() and (float(r.min()) < 0.0 or float(r.max()) > 1.0):
+        raise ValueError(f"passk needs rewards in [0, 1] (1 = right; a completion passes at reward >= 1); got min "
+                         f"{float(r.min()):g}, max {float(r.max()):g}: use one 0/1 correctness reward or another "
+                         f"estimator")
+    passed = (r >= 1.0 - CORRECT_EPS).to(r.dtype)
+    return _broadcast(passk_advantages(passed, group_size, cfg.passk_k), valid)
 
 
 @register_advantage("gfpo")

@@ -479,3 +479,21 @@ def tis_weights(
         ("capped_frac" if mode == "clamp" else "masked_frac"): over.sum() / n,
     }
     return w, stats
+
+
+def logprob_mismatch(trainer_logprobs: Tensor, sampler_logprobs: Tensor, mask: Tensor) -> dict[str, float]:
+    """How far the sampler's log-probs of the sampled tokens are from the trainer's (no gradient).
+
+    The tokens were drawn from the sampler ``mu``; with ``r_t = exp(trainer_t - sampler_t) = pi(y_t) / mu(y_t)``
+    the k3 estimator ``E_mu[r - 1 - log r]`` (Schulman 2020, "Approximating KL divergence") estimates
+    ``KL(mu || pi)`` without bias and is never negative. Returns, over the tokens where ``mask > 0``:
+    ``kl`` (that mean), ``max_abs`` and ``mean_abs`` (of ``trainer - sampler``); zeros when no token counts.
+    Shapes: ``[B, T]`` each.
+    """
+    valid = mask > 0
+    if not bool(valid.any()):
+        return {"kl": 0.0, "max_abs": 0.0, "mean_abs": 0.0}
+    d = (trainer_logprobs.detach().double() - sampler_logprobs.detach().double())[valid]
+    log_r = d.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    kl = (torch.exp(log_r) - 1.0 - log_r).mean()
+    return {"kl": float(kl), "max_abs": float(d.abs().max()), "mean_abs": float(d.abs().mean())}

@@ -70,6 +70,7 @@ from .common import (
     DTYPES,
     DataConfig,
     EvalConfig,
+    LoraConfig,
     ModelConfig,
     RunConfig,
 )
@@ -108,6 +109,7 @@ __all__ = [
     "CriticConfig",
     "DataConfig",
     "EvalConfig",
+    "LoraConfig",
     "ModelConfig",
     "PreferenceConfig",
     "Problems",

@@ -18,6 +18,54 @@ ANSWER_EXTRACTIONS = ("raw", "answer_tag", "boxed", "last_number")
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (Hu et al. 2021, arXiv:2106.09685) trained instead of the full weights, through PEFT."""
+
+    rank: int = 0
+    """Rank r of each adapter; 0 = off (the full model trains). 1 works ("LoRA without regret")."""
+    alpha: float = 32.0
+    """Scale numerator: the adapter adds (alpha / rank) * B A x to a layer's output W x."""
+    dropout: float = 0.0
+    """Dropout on the adapter's input (training only), in [0, 1)."""
+    target_modules: str | list[str] = "all-linear"
+    """Module names (or name suffixes) that get an adapter, e.g. [q_proj, v_proj]; all-linear = every linear
+    layer except the output head."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full beside the adapters (and saved in the adapter checkpoint), e.g. [norm] for the
+    final norm; empty = none (postrl rm always adds its score head)."""
+
+    def validate(self, p: Problems, cfg: ConfigTree) -> None:
+        p.at_least("model.lora.rank", self.rank, 0, " (0 = off, 1 or more = train LoRA adapters of that rank)")
+        p.check(self.alpha > 0, "model.lora.alpha", self.alpha,
+                "must be > 0 (the adapter's output is scaled by alpha / rank)")
+        p.check(0 <= self.dropout < 1, "model.lora.dropout", self.dropout, "must be in [0, 1)")
+        targets = [self.target_modules] if isinstance(self.target_modules, str) else list(self.target_modules)
+        p.check(bool(targets) and all(t.strip() for t in targets), "model.lora.target_modules",
+                self.target_modules, "must name at least one module (e.g. [q_proj, v_proj]) or be all-linear")
+        p.check(not ("all-linear" in targets and len(targets) > 1), "model.lora.target_modules",
+                self.target_modules, "all-linear already means every linear layer; give it alone "
+                "(target_modules: all-linear) or list module names without it")
+        p.check(all(m.strip() for m in self.modules_to_save), "model.lora.modules_to_save", self.modules_to_save,
+                "must hold module names (e.g. [norm]), not empty strings")
+        if self.rank == 0:
+            changed = [f"model.lora.{k}" for k, v in (("alpha", self.alpha != 32.0), ("dropout", self.dropout != 0.0),
+                       ("target_modules", self.target_modules != "all-linear"),
+                       ("modules_to_save", bool(self.modules_to_save))) if v]
+            p.check(not changed, "model.lora.rank", self.rank,
+                    f"turns LoRA off, so {', '.join(changed)} would be ignored; set model.lora.rank >= 1 (e.g. 8) "
+                    "to train adapters")
+            return
+        if cfg is None:
+            return
+        train, algo = getattr(cfg, "train", None), getattr(cfg, "algo", None)
+        p.check(getattr(train, "strategy", "none") != "fsdp", "train.strategy", getattr(train, "strategy", None),
+                "fsdp is not supported with LoRA (model.lora.rank > 0) yet; use none or ddp (the adapters are small)")
+        p.check(getattr(algo, "ref_reset_every", 0) == 0, "algo.ref_reset_every", getattr(algo, "ref_reset_every", 0),
+                "must be 0 with LoRA (model.lora.rank > 0): the KL reference is the base model with the adapter "
+                "disabled, which a reset cannot move")
+
+
+@dataclass
 class ModelConfig:
     """The policy model to train."""
 
@@ -37,8 +85,11 @@ class ModelConfig:
     Hub downloads use the normal Hugging Face cache."""
     trust_remote_code: bool = False
     """Passed to transformers; allows custom model code from the hub."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Train LoRA adapters instead of the full weights (rank 0 = off; docs/models.md#lora)."""
 
     def validate(self, p: Problems, cfg: ConfigTree) -> None:
+        self.lora.validate(p, cfg)
         p.choice("model.dtype", self.dtype, DTYPES)
         p.check(bool(DEVICE_PATTERN.match(self.device)), "model.device", self.device,
                 "must be one of auto, cpu, cuda, cuda:N (N a GPU index), mps")

@@ -32,6 +32,7 @@ _PREFERENCE_LOSS_KEYS = ("beta", "label_smoothing", "simpo_gamma", "orpo_lambda"
 MOVED_KEYS: dict[str, str] = {
     "algo.preference_loss": "preference.loss",
     **{f"algo.{key}": f"preference.{key}" for key in _PREFERENCE_LOSS_KEYS},
+    "rollout.async": "rollout.async_generation",  # `async` is a Python keyword: the field is async_generation
 }
 """Keys that moved to another place (old dotted key -> new one): an old key in a file or an override is
 an error that names the new key, rather than a silent default. The saved ``config.yaml`` of a run written by

@@ -15,6 +15,8 @@ from .checks import Problems, divisors, ConfigTree
 LR_SCHEDULES = ("constant", "linear", "cosine")
 ADV_STD_SCOPES = ("group", "batch", "none")
 TIS_MODES = ("off", "clamp", "mask")
+DECODE_PATHS = ("auto", "fused", "transformers")  # rollout.decode (the torch backend's decode forward)
+WEIGHT_SYNC_MODES = ("auto", "reload", "restart", "lora", "none")
 DPPO_DIVERGENCES = ("binary_tv", "binary_kl")
 OPMD_BASELINES = ("mean", "logavgexp")
 GFPO_METRICS = ("length", "reward_per_token")
@@ -50,6 +52,43 @@ class RolloutConfig:
     backend: str = "torch"
     """Generation backend: torch (in-process) or a served engine; the names are checked by the backend
     factory in postrl/rollout when the trainer builds it."""
+    decode: str = "auto"
+    """torch backend's forward: auto (postrl's fused Llama-family decode where the model is supported, else
+    transformers') | fused (an error when unsupported) | transformers."""
+    continuous_batching: bool = False
+    """torch backend: with rollout.batch_size smaller than the rollout batch, a finished row's place in the
+    decode batch goes to the next waiting prompt. Draws per-row random streams: seeded samples differ from
+    the default's (same distribution) and no longer depend on rollout.batch_size."""
+    # ----- served generation (rollout.backend=openai_server; docs/generation-backends.md) -----
+    urls: list[str] = field(default_factory=list)
+    """Base URLs of OpenAI-compatible servers (``http://host:port``), used round-robin; empty with
+    ``rollout.server.python`` set: the managed server."""
+    served_model_name: str = ""
+    """The model name requests carry; ``/v1/models`` must list it ("" = the server's only model; a managed
+    server serves ``postrl-policy``)."""
+    timeout_s: float = 300.0
+    """Time limit of one request to the server, in seconds."""
+    retries: int = 3
+    """Further attempts after a failed request (unreachable, timeout, HTTP 5xx, malformed answer)."""
+    retry_backoff_s: float = 0.5
+    """Wait before retry k (k = 1, 2, ...): ``retry_backoff_s * 2**(k-1)`` seconds."""
+    max_concurrency: int = 32
+    """Requests in flight to the servers at once."""
+    server: ServerConfig = field(default_factory=lambda: ServerConfig())
+    """A server that postrl starts and stops itself (``rollout.server.python`` set)."""
+    weight_sync: str = "auto"
+    """How the server gets the trainer's weights: auto (lora with model.lora, else reload), reload (save +
+    vLLM's reload_weights), restart (save + restart the managed server), lora (hot-load the adapter), none."""
+    sync_every: int = 1
+    """Push the weights to the server every this many updates (the samples carry their policy version)."""
+    recompute_old_logprobs: Optional[bool] = None
+    """Recompute the old log-probs with the trainer's forward instead of the sampler's (null = yes for
+    server backends, no for torch); the mismatch is reported as mismatch/*."""
+    async_generation: bool = False
+    """Generate the next batch in a background thread while the update runs (bounded staleness)."""
+    max_staleness: int = 1
+    """With async_generation: a sample of policy version v is used at step s only while s - v <= max_staleness
+    (older ones are dropped and counted); 0 = exactly the synchronous run."""
 
     def validate(self, p: Problems, cfg: ConfigTree) -> None:
         # the one place that requires groups: every built-in group-relative estimator (grpo, dr_grpo, rloo,
@@ -62,6 +101,51 @@ class RolloutConfig:
         p.at_least("rollout.top_k", self.top_k, 0, " (0 = off)")
         p.at_least("rollout.batch_size", self.batch_size, 0, " (0 = whole rollout batch)")
         p.check(bool(self.backend), "rollout.backend", self.backend, "must not be empty (default: torch)")
+        p.check(self.decode in DECODE_PATHS, "rollout.decode", self.decode,
+                f"must be one of {', '.join(DECODE_PATHS)}")
+        p.check(self.timeout_s > 0, "rollout.timeout_s", self.timeout_s, "must be > 0")
+        p.at_least("rollout.retries", self.retries, 0)
+        p.check(self.retry_backoff_s >= 0, "rollout.retry_backoff_s", self.retry_backoff_s, "must be >= 0")
+        p.at_least("rollout.max_concurrency", self.max_concurrency, 1)
+        p.at_least("rollout.sync_every", self.sync_every, 1)
+        p.at_least("rollout.max_staleness", self.max_staleness, 0)
+        p.check(self.weight_sync in WEIGHT_SYNC_MODES, "rollout.weight_sync", self.weight_sync,
+                f"must be one of {', '.join(WEIGHT_SYNC_MODES)}")
+        for i, url in enumerate(self.urls):
+            p.check(url.startswith(("http://", "https://")), f"rollout.urls.{i}", url,
+                    "must start with http:// or https://")
+        self.server.validate(p)
+        if self.backend == "torch":
+            p.check(not self.urls and not self.server.python, "rollout.backend", self.backend,
+                    "rollout.urls / rollout.server are for a served backend: set rollout.backend=openai_server")
+
+
+@dataclass
+class ServerConfig:
+    """A generation server that postrl starts (on the trainer's current weights) and stops itself."""
+
+    python: str = ""
+    """The python of the server's virtual environment (e.g. the one scripts/setup_vllm_cpu.sh builds); "" = no
+    managed server."""
+    model_dir: str = ""
+    """The model directory the server loads at start; "" = the trainer's current weights, written as an HF
+    directory."""
+    port: int = 0
+    """Port on 127.0.0.1; 0 = a free one."""
+    args: list[str] = field(default_factory=list)
+    """Extra command-line arguments, e.g. [--dtype, float32, --max-model-len, "1024"]."""
+    startup_timeout: float = 600.0
+    """Seconds to wait for the server to answer /v1/models after starting."""
+    module: str = "vllm.entrypoints.openai.api_server"
+    """The module run as ``python -m MODULE --model DIR --port P --served-model-name NAME --host 127.0.0.1``."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment variables of the server (e.g. VLLM_CPU_KVCACHE_SPACE: "2")."""
+
+    def validate(self, p: Problems) -> None:
+        p.at_least("rollout.server.port", self.port, 0)
+        p.check(self.port <= 65535, "rollout.server.port", self.port, "must be <= 65535")
+        p.check(self.startup_timeout > 0, "rollout.server.startup_timeout", self.startup_timeout, "must be > 0")
+        p.check(bool(self.module), "rollout.server.module", self.module, "must not be empty")
 
 
 @dataclass

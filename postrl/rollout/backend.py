@@ -11,6 +11,9 @@ built by :func:`build_backend`:
     =============  ==================================================================================
     ``torch``      :class:`TorchBackend`: postrl's own generator, in process, on the trainer's model
                    object (sync is a no-op)
+    ``openai_server``  :class:`~postrl.rollout.server.OpenAIServerBackend`: an OpenAI-compatible server (vLLM,
+                   SGLang, ...), token ids over HTTP, optionally started and stopped by postrl; weights synced by
+                   reload, restart or LoRA hot-load (docs/generation-backends.md)
     =============  ==================================================================================
 
 A new backend is one registered class::
@@ -31,8 +34,8 @@ from __future__ import annotations
 import inspect
 from typing import Any, Optional, Protocol, runtime_checkable
 
-from postrl.algorithms.registry import Registry
 from postrl.config import ConfigError
+from postrl.rollout.registry import BACKENDS, register_backend
 from postrl.rollout.generator import Generation, Generator, SamplingParams, eos_token_ids
 
 
@@ -63,8 +66,6 @@ class GenerationBackend(Protocol):
         ...
 
 
-BACKENDS = Registry("generation backend", "rollout.backend")
-register_backend = BACKENDS.register
 
 
 @register_backend("torch")
@@ -72,16 +73,24 @@ class TorchBackend:
     """postrl's :class:`~postrl.rollout.generator.Generator` on the trainer's own model object, in process.
 
     The model is put in eval mode for each ``generate`` call and given back in the train / eval mode it
-    had. ``kv_cache``, ``sampler``, ``share_prefill``: see :class:`Generator`.
+    had. ``kv_cache``, ``sampler``, ``share_prefill``, ``decode``, ``continuous_batching``: see
+    :class:`Generator` (config keys ``rollout.decode`` and ``rollout.continuous_batching``).
     """
 
     name = "torch"
     reports_entropy = True
 
     def __init__(self, model, eos_token_ids: list[int], pad_token_id: int, kv_cache: str = "preallocated",
-                 sampler: str = "inverse_cdf", share_prefill: bool = True):
+                 sampler: str = "inverse_cdf", share_prefill: bool = True, decode: str = "auto",
+                 continuous_batching: bool = False):
         self.generator = Generator(model, eos_token_ids, pad_token_id, kv_cache=kv_cache, sampler=sampler,
-                                   share_prefill=share_prefill)
+                                   share_prefill=share_prefill, decode=decode,
+                                   continuous_batching=continuous_batching)
+
+    @staticmethod
+    def config_options(cfg, tokenizer) -> dict:
+        """The options ``rollout.decode`` and ``rollout.continuous_batching`` of a config."""
+        return {"decode": cfg.rollout.decode, "continuous_batching": cfg.rollout.continuous_batching}
 
     def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams, seed: Optional[int] = None,
                  batch_size: int = 0) -> Generation:
@@ -124,8 +133,25 @@ def build_backend(name: str, model, tokenizer, **options: Any) -> GenerationBack
         valid = [p for p in params if p not in fixed and params[p].kind is not inspect.Parameter.VAR_KEYWORD]
         raise ConfigError(f"generation backend {name!r} got unknown options {', '.join(map(repr, unknown))}; "
                           f"valid: {', '.join(valid) or 'none'}")
+    if "tokenizer" in params and "tokenizer" not in options:  # e.g. a managed server writes it with the weights
+        options = {**options, "tokenizer": tokenizer}
     eos = eos_token_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else None)
     if pad is None:
         raise ValueError("build_backend: the tokenizer has neither a pad token nor an EOS token")
     return cls(model, eos or [pad], pad, **options)
+
+
+def backend_from_config(cfg, model, tokenizer) -> GenerationBackend:
+    """The backend of ``cfg.rollout.backend`` for ``model``, with the options its class reads from the config
+    (a backend class may define ``config_options(cfg, tokenizer) -> dict``; the torch backend reads
+    ``rollout.decode`` and ``rollout.continuous_batching``)."""
+    try:
+        cls = BACKENDS.get_fn(cfg.rollout.backend)
+    except KeyError as exc:
+        raise ConfigError(exc.args[0]) from None
+    options = cls.config_options(cfg, tokenizer) if hasattr(cls, "config_options") else {}
+    return build_backend(cfg.rollout.backend, model, tokenizer, **options)
+
+
+from postrl.rollout import server as _server  # noqa: E402,F401  registers openai_server

@@ -5,17 +5,25 @@ later), a mask of the generated tokens, and the sampler's log-probability of
 each sampled token under the temperature-scaled distribution (before top-k /
 top-p truncation, which is the distribution the trainer's forward pass
 reproduces). Finished sequences are dropped from the decode batch, so they stop
-costing compute.
+costing compute; with continuous batching their places go to waiting prompts instead.
+For Llama-family models the forward is postrl's own (:mod:`postrl.models.fast_llama`), elsewhere the
+model's transformers forward; both give the same tokens (tests/test_fast_decode.py).
 """
 
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import Cache, DynamicLayer
+
+from postrl.config.rl import DECODE_PATHS
+from postrl.models.fast_llama import FusedLlama, unsupported_reason
+
+PREFILL_MEMO = 4  # continuous batching: prompts whose prefill is kept for their group's later copies
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -193,10 +201,22 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 
 class Generator:
-    """Samples completions from ``model`` (an HF causal LM) for token-id prompts."""
+    """Samples completions from ``model`` (an HF causal LM) for token-id prompts.
+
+    ``decode``: ``auto`` runs :class:`~postrl.models.fast_llama.FusedLlama` (postrl's own decode forward)
+    where :func:`~postrl.models.fast_llama.supports` accepts the model (Llama / Mistral / Qwen2 / Qwen3
+    without adapters) and the model's own forward otherwise; ``fused`` requires it; ``transformers`` never
+    uses it. ``continuous_batching``: with a ``batch_size`` smaller than the prompts, a finished row's place
+    in the decode batch goes to the next waiting prompt (fused path; the transformers path decodes in
+    chunks). It draws each row's random numbers from the row's own stream (``uniforms[row, t]``, drawn up
+    front), so a row's tokens do not depend on the batch it ran in; these streams differ from the default
+    one (one draw per active row and step), so turning it on changes a seeded run's samples, not their
+    distribution.
+    """
 
     def __init__(self, model, eos_token_ids: int | list[int], pad_token_id: int, kv_cache: str = "preallocated",
-                 sampler: str = "inverse_cdf", share_prefill: bool = True):
+                 sampler: str = "inverse_cdf", share_prefill: bool = True, decode: str = "auto",
+                 continuous_batching: bool = False):
         self.model = model
         eos = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
         self.eos = torch.tensor(eos, dtype=torch.long)
@@ -206,11 +226,24 @@ class Generator:
                              "(transformers' DynamicCache, concatenated at each step)")
         if sampler not in ("inverse_cdf", "multinomial"):
             raise ValueError(f"sampler={sampler!r}: use 'inverse_cdf' (one uniform per row) or 'multinomial'")
+        if decode not in DECODE_PATHS:
+            raise ValueError(f"decode={decode!r}: use 'auto' (fused where the architecture is supported, else "
+                             "transformers), 'fused' (postrl.models.fast_llama; an error where unsupported) or "
+                             "'transformers' (the model's own forward)")
+        if decode == "fused" and kv_cache == "dynamic":
+            raise ValueError("decode='fused' has its own preallocated cache; kv_cache='dynamic' needs "
+                             "decode='transformers' (or 'auto')")
+        if continuous_batching and sampler != "inverse_cdf":
+            raise ValueError("continuous_batching needs sampler='inverse_cdf': its per-row random streams keep "
+                             "the sampled tokens independent of which rows share the decode batch")
         self.kv_cache, self.sampler = kv_cache, sampler
         self.share_prefill = bool(share_prefill)
+        self.decode, self.continuous_batching = decode, bool(continuous_batching)
+        self._fused = None  # FusedLlama of self.model, built on first use
         # transformers >= 5.24 names the KV-cache argument `cache` (`past_key_values` is deprecated there)
         try:
-            params = inspect.signature(model.forward).parameters
+            # a LoRA policy (PEFT) forwards **kwargs to the model it wraps: ask that model
+            params = inspect.signature(getattr(model, "get_base_model", lambda: model)().forward).parameters
         except (TypeError, ValueError):
             params = {}
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -225,8 +258,10 @@ class Generator:
     ) -> Generation:
         """Sample one completion per prompt (repeat a prompt n times for a group).
 
-        ``batch_size`` > 0 decodes in chunks of that many sequences. With a
-        ``seed`` the result depends only on (seed, prompts, params, batch_size).
+        ``batch_size`` > 0 decodes at most that many sequences at once: in chunks, or with
+        ``continuous_batching`` as one batch whose finished rows are refilled with the next prompts. With a
+        ``seed`` the result depends only on (seed, prompts, params, batch_size); with
+        ``continuous_batching`` (per-row random streams) not on batch_size either.
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate() needs a non-empty list of non-empty prompts")
@@ -234,13 +269,183 @@ class Generator:
         device = next(self.model.parameters()).device
         rng = torch.Generator(device=device)
         rng.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, ()).item()))
-        parts = [Generation(prompts[i:i + chunk], *self._generate_chunk(prompts[i:i + chunk], params, rng, device))
-                 for i in range(0, len(prompts), chunk)]
-        out = parts[0] if len(parts) == 1 else Generation.concat(parts, self.pad_id)
+        # continuous batching: per-row random streams, row i's t-th token is drawn with uniforms[i, t], so that
+        # a row's tokens do not depend on which rows share its decode batch (nor on batch_size)
+        uniforms = (torch.rand(len(prompts), params.max_new_tokens, generator=rng, device=device)
+                    if self.continuous_batching and params.temperature > 0 else None)
+        fused = self.fused_decoder()
+        if fused is not None and self.continuous_batching:
+            out = Generation(prompts, *self._fused_loop(fused, prompts, params, rng, uniforms, device, chunk))
+        else:
+            parts = []
+            for i in range(0, len(prompts), chunk):
+                u = uniforms[i:i + chunk] if uniforms is not None else None
+                fields = (self._fused_loop(fused, prompts[i:i + chunk], params, rng, u, device, chunk)
+                          if fused is not None else self._generate_chunk(prompts[i:i + chunk], params, rng, device, u))
+                parts.append(Generation(prompts[i:i + chunk], *fields))
+            out = parts[0] if len(parts) == 1 else Generation.concat(parts, self.pad_id)
         out.prompt_ids = [list(p) for p in prompts]
         return out
 
-    def _generate_chunk(self, prompts, params: SamplingParams, rng: torch.Generator, device):
+    def fused_decoder(self) -> FusedLlama | None:
+        """The :class:`~postrl.models.fast_llama.FusedLlama` decode path of the model with its weights
+        refreshed, or None when the transformers forward runs (``decode='transformers'``, or ``'auto'`` on an
+        unsupported model)."""
+        if self.decode == "transformers" or self.kv_cache == "dynamic":  # DynamicCache: transformers' forward
+            return None
+        reason = unsupported_reason(self.model)
+        if reason is not None:
+            if self.decode == "fused":
+                raise ValueError(f"decode='fused' cannot run this model: {reason}; use decode='auto' or "
+                                 "'transformers'")
+            return None
+        if self._fused is None or self._fused.model is not self.model:
+            self._fused = FusedLlama(self.model)
+        else:
+            self._fused.refresh()
+        return self._fused
+
+    def _sample(self, logits: torch.Tensor, params: SamplingParams, rng: torch.Generator,
+                uniforms: torch.Tensor | None, order: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Next tokens ``[B]`` from float logits ``[B, V]``, with their log-probs and the entropies of the
+        temperature-scaled distributions. ``uniforms [B]``: the rows' own random numbers (inverse-CDF
+        sampler); None draws from ``rng`` in the order of the rows, or in ``order`` (row ``order[j]`` takes
+        the j-th draw) when given."""
+        if params.temperature > 0:
+            logits = logits / params.temperature
+            logp_full = torch.log_softmax(logits, dim=-1)
+            p_full = logp_full.exp()
+            truncate = params.top_k > 0 or params.top_p < 1.0
+            probs = filter_logits(logits, params.top_k, params.top_p).softmax(-1) if truncate else p_full
+            if self.sampler == "inverse_cdf":
+                if uniforms is None:
+                    uniforms = torch.rand(probs.shape[0], generator=rng, device=probs.device)
+                    if order is not None:
+                        uniforms = torch.empty_like(uniforms).index_copy_(0, order, uniforms)
+                tok = sample_inverse_cdf(probs, uniforms)
+            elif order is None:
+                tok = torch.multinomial(probs, 1, generator=rng).squeeze(-1)
+            else:
+                drawn = torch.multinomial(probs[order], 1, generator=rng).squeeze(-1)
+                tok = torch.empty_like(drawn).index_copy_(0, order, drawn)
+        else:
+            logp_full = torch.log_softmax(logits, dim=-1)
+            p_full = logp_full.exp()
+            tok = logits.argmax(-1)
+        return tok, logp_full.gather(-1, tok[:, None]).squeeze(-1), -(p_full * logp_full).sum(-1)
+
+    def _fused_prefill(self, fused: FusedLlama, cache, slots: torch.Tensor, prompts, device,
+                       memo: OrderedDict | None = None) -> torch.Tensor:
+        """Prefill ``prompts`` into cache rows ``slots`` (each distinct prompt once); their next-token logits.
+
+        ``memo`` (continuous batching): the keys / values and logits of the last prompts prefilled, by prompt;
+        a group's copies that join the batch at different steps are prefilled once and copied after that.
+        """
+        logits: list[torch.Tensor | None] = [None] * len(prompts)
+        todo = list(range(len(prompts)))
+        if memo is not None:
+            todo = []
+            for j, p in enumerate(prompts):
+                hit = memo.get(tuple(p))
+                if hit is None:
+                    todo.append(j)
+                    continue
+                memo.move_to_end(tuple(p))
+                cache.put(int(slots[j]), hit[0], hit[1])
+                logits[j] = hit[2]
+            if not todo:
+                return torch.stack(logits)
+        sub = [prompts[j] for j in todo]
+        first, expand = unique_rows(sub) if self.share_prefill else (list(range(len(sub))), None)
+        ids, attn = left_pad([sub[i] for i in first], self.pad_id, device)
+        exp = None if expand is None or len(first) == len(sub) else torch.tensor(expand, device=device)
+        sub_slots = slots[torch.tensor(todo, device=device)] if len(todo) < len(prompts) else slots
+        out = fused.prefill(cache, sub_slots, ids, attn, exp)
+        if memo is None:
+            return out
+        width = ids.shape[1]
+        for i, j in enumerate(todo):
+            logits[j] = out[i]
+            key = tuple(prompts[j])
+            if key not in memo:
+                row, P = int(sub_slots[i]), len(prompts[j])
+                memo[key] = (cache.k[:, row, :, width - P:width].clone(), cache.v[:, row, :, width - P:width].clone(),
+                             out[i].clone())
+                while len(memo) > PREFILL_MEMO:
+                    memo.popitem(last=False)
+        return torch.stack(logits)
+
+    def _fused_loop(self, fused: FusedLlama, prompts, params: SamplingParams, rng: torch.Generator,
+                    uniforms: torch.Tensor | None, device, slots: int):
+        """Decode ``prompts`` with the fused forward over at most ``slots`` cache rows.
+
+        With ``slots < len(prompts)`` (continuous batching) a finished row's cache row is refilled with the
+        next waiting prompt (prefilled, then decoded with the running rows); rows leave the batch once no
+        prompt waits. With ``slots >= len(prompts)`` this is :meth:`_generate_chunk` with another forward:
+        finished rows leave the batch (the last rows move into their places, so the cache copies only
+        those), and the shared random stream is drawn in prompt order as there.
+        """
+        N, T = len(prompts), params.max_new_tokens
+        out_ids = torch.full((N, T), self.pad_id, dtype=torch.long, device=device)
+        out_mask = torch.zeros((N, T), dtype=torch.long, device=device)
+        out_lp = torch.zeros((N, T), dtype=torch.float32, device=device)
+        out_ent = torch.zeros((N, T), dtype=torch.float32, device=device)
+        eos = self.eos.to(device)
+        B = min(slots, N)
+        cache = fused.new_cache(B, max(len(p) for p in prompts) + T)
+        rows = torch.arange(B, device=device)  # the prompt each cache row decodes
+        t = torch.zeros(B, dtype=torch.long, device=device)  # tokens generated so far, per cache row
+        memo = OrderedDict() if B < N else None  # prompts waiting: their groups' copies may join one by one
+        logits = self._fused_prefill(fused, cache, torch.arange(B, device=device), prompts[:B], device, memo)
+        waiting = B  # index of the next prompt to start
+        steps = 0
+        order = None  # the rows in prompt order, once dropping rows has permuted them (the shared stream's order)
+        while True:
+            steps += 1
+            u = uniforms[rows, t] if uniforms is not None else None
+            tok, lp, ent = self._sample(logits.float(), params, rng, u, order)
+            out_ids[rows, t] = tok
+            out_mask[rows, t] = 1
+            out_lp[rows, t] = lp
+            out_ent[rows, t] = ent
+            t = t + 1
+            done = torch.isin(tok, eos) | (t >= T)
+            if not bool(done.any()):
+                logits = fused.decode(cache, tok)
+                continue
+            done_idx = done.nonzero().squeeze(-1)
+            n_new = min(len(done_idx), N - waiting)
+            stay = ~done
+            stay[done_idx[:n_new]] = True  # refilled rows stay in the batch
+            if not bool(stay.any()):
+                break
+            if not bool(stay.all()):
+                perm = cache.compact(stay)
+                rows, t, tok, done = rows[perm], t[perm], tok[perm], done[perm]
+                order = None if bool((rows[1:] > rows[:-1]).all()) else rows.argsort()
+            refill = done.nonzero().squeeze(-1)  # == the n_new refilled rows, at their new positions
+            if bool((~done).any()):
+                logits = fused.decode(cache, tok)  # refilled rows decode a stale token; the prefill overwrites it
+            if n_new:
+                new_logits = self._fused_prefill(fused, cache, refill, prompts[waiting:waiting + n_new], device, memo)
+                if len(refill) == len(rows):
+                    logits = new_logits
+                else:
+                    logits[refill] = new_logits
+                rows[refill] = torch.arange(waiting, waiting + n_new, device=device)
+                t[refill] = 0
+                waiting += n_new
+                order = None if bool((rows[1:] > rows[:-1]).all()) else rows.argsort()
+        finished_len = out_mask.sum(-1)
+        last_tok = out_ids.gather(-1, (finished_len - 1).clamp(min=0)[:, None]).squeeze(-1)
+        truncated = ~torch.isin(last_tok, eos)
+        width = int(finished_len.max().item())
+        return (out_ids[:, :width], out_mask[:, :width], out_lp[:, :width], truncated.cpu(), steps,
+                out_ent[:, :width])
+
+    def _generate_chunk(self, prompts, params: SamplingParams, rng: torch.Generator, device,
+                        uniforms: torch.Tensor | None = None):
         B, T = len(prompts), params.max_new_tokens
         ids, attn = left_pad(prompts, self.pad_id, device)
         out_ids = torch.full((B, T), self.pad_id, dtype=torch.long, device=device)
@@ -276,24 +481,11 @@ class Generator:
                     use_cache=True, logits_to_keep=1, **{self._cache_kw: cache},
                 ).logits[:, -1, :].float()
             steps += 1
-            if params.temperature > 0:
-                logits = logits / params.temperature
-                logp_full = torch.log_softmax(logits, dim=-1)
-                p_full = logp_full.exp()
-                truncate = params.top_k > 0 or params.top_p < 1.0
-                probs = filter_logits(logits, params.top_k, params.top_p).softmax(-1) if truncate else p_full
-                if self.sampler == "inverse_cdf":
-                    tok = sample_inverse_cdf(probs, torch.rand(probs.shape[0], generator=rng, device=device))
-                else:
-                    tok = torch.multinomial(probs, 1, generator=rng).squeeze(-1)
-            else:
-                logp_full = torch.log_softmax(logits, dim=-1)
-                p_full = logp_full.exp()
-                tok = logits.argmax(-1)
+            tok, lp, ent = self._sample(logits, params, rng, uniforms[active, t] if uniforms is not None else None)
             out_ids[active, t] = tok
             out_mask[active, t] = 1
-            out_lp[active, t] = logp_full.gather(-1, tok[:, None]).squeeze(-1)
-            out_ent[active, t] = -(p_full * logp_full).sum(-1)
+            out_lp[active, t] = lp
+            out_ent[active, t] = ent
             done = torch.isin(tok, eos)
             keep = ~done
             if not bool(keep.any()):

@@ -100,10 +100,12 @@ def upgrade_state(st: dict[str, Any]) -> dict[str, Any]:
             **{k: st[k] for k in _OUTER_KEYS}, "job": rest}
 
 
-def publish_final(ckpt_dir: Path, run_dir: Path) -> Path:
+def publish_final(ckpt_dir: Path, run_dir: Path, model: Any = None, tokenizer: Any = None) -> Path:
     """``RUN_DIR/final``: the model directory of checkpoint ``ckpt_dir`` without the trainer state, for
     ``from_pretrained``. Files are hard-linked (copied where links are not possible), so publishing costs no
-    second serialization of the weights, and the directory appears whole (written aside, then renamed)."""
+    second serialization of the weights, and the directory appears whole (written aside, then renamed).
+    A LoRA run (``model`` a PEFT model) checkpoints its adapter; ``final/merged/`` then also holds the model
+    with the adapter merged in (postrl/models/lora.py)."""
 
     def write(tmp: Path) -> None:
         for f in ckpt_dir.iterdir():
@@ -113,6 +115,11 @@ def publish_final(ckpt_dir: Path, run_dir: Path) -> Path:
                 os.link(f, tmp / f.name)
             except OSError:
                 shutil.copy2(f, tmp / f.name)
+        if model is not None:
+            from postrl.models.lora import MERGED_DIR, is_lora_model, save_merged
+
+            if is_lora_model(model):
+                save_merged(model, tokenizer, tmp / MERGED_DIR)
 
     return replace_dir_atomically(run_dir / "final", write)
 
@@ -122,6 +129,11 @@ def load_weights(model: torch.nn.Module, ckpt_dir: Path) -> None:
     in place; tied weights that are saved once (e.g. an LM head tied to the embeddings) follow their tie."""
     from safetensors.torch import load_file
 
+    from postrl.models.lora import is_adapter_dir, load_adapter_weights
+
+    if is_adapter_dir(ckpt_dir):  # a LoRA run: the checkpoint holds the adapter, the base weights never change
+        load_adapter_weights(model, ckpt_dir)
+        return
     files = sorted(ckpt_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{ckpt_dir}: no *.safetensors weights")

@@ -288,7 +288,7 @@ class Run:
             self.write(f"[postrl] warning: {warning}")
         ckpt = self.save()
         if self.main:
-            publish_final(ckpt, self.run_dir)
+            publish_final(ckpt, self.run_dir, job.model, job.tokenizer)  # LoRA: + final/merged/
         res["final_model"] = str(self.run_dir / "final")
         if self.dist is not None:
             self.dist.barrier()  # final/ is in place for every rank

@@ -29,11 +29,28 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return f
 
 
+def adamw_implementation(params: list[torch.Tensor]) -> dict[str, bool]:
+    """The fastest AdamW kernel for ``params``: ``fused`` (one kernel over every tensor; CPU and CUDA, float
+    tensors of one device) where torch has it, else torch's default. The update equals the per-tensor loop's
+    to float rounding (``tests/test_speed_equivalence.py``). Sharded (DTensor) parameters keep the default."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        DTensor = ()
+    if not params or any(isinstance(p, DTensor) or isinstance(p.data, DTensor) for p in params):
+        return {}
+    devices = {p.device.type for p in params}
+    if len(devices) != 1 or devices - {"cpu", "cuda"} or not all(p.is_floating_point() for p in params):
+        return {}
+    return {"fused": True}
+
+
 def build_optimizer(params: list[torch.Tensor], train: Any, total_steps: int
                     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over ``params`` with ``train.lr`` / ``adam_betas`` / ``weight_decay`` and the ``train.lr_schedule``
     (with ``warmup_steps``) planned over ``total_steps`` scheduler steps."""
-    optimizer = torch.optim.AdamW(params, lr=train.lr, betas=tuple(train.adam_betas), weight_decay=train.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=train.lr, betas=tuple(train.adam_betas), weight_decay=train.weight_decay,
+                                  **adamw_implementation(params))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(train.lr_schedule, train.warmup_steps, total_steps))
     return optimizer, scheduler

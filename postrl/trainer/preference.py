@@ -61,7 +61,8 @@ from postrl.data.pairs import (
     load_preference_data,
     truncate,
 )
-from postrl.models.loading import load_from_config
+from postrl.models.loading import load_from_config, load_policy
+from postrl.models.lora import lora_enabled, reference_view
 from postrl.models.logprobs import completion_logprobs
 from postrl.run import Job, StepOutput, TrainingError, distributed, run_job
 from postrl.run.batching import epoch_batches, right_pad
@@ -107,7 +108,7 @@ class PreferenceTrainer(Job):
             for spec in cfg.rewards:
                 resolve_reward(spec.name)
         self.resumed = checkpoint is not None
-        self.model, self.tokenizer, self.model_source = load_from_config(cfg.model, checkpoint and str(checkpoint))
+        self.model, self.tokenizer, self.model_source = load_policy(cfg.model, checkpoint)  # + LoRA adapters
         self.pad = self.tokenizer.pad_token_id
         self.device = next(self.model.parameters()).device
 
@@ -142,10 +143,15 @@ class PreferenceTrainer(Job):
 
             self.rewards = RewardPipeline(cfg.rewards, self.source, cfg.scoring, RewardContext(
                 source=self.source, tokenizer=self.tokenizer, device=self.device))
+            if cfg.rollout.backend != "torch":  # no weight sync here yet: a server would sample the initial model
+                raise ConfigError(f"rollout.backend={cfg.rollout.backend!r}: online preference training samples with "
+                                  "the torch backend only for now (served generation is wired into postrl train)")
             self.backend = build_backend(cfg.rollout.backend, self.model, self.tokenizer)
             if self.dist is not None and self.dist.strategy == "fsdp":  # generation on the gathered weights
                 self.backend = distributed.UnshardedBackend(self.backend, self.model, self.dist)
-            if self.needs_ref and pf.online_reference == "initial":
+            if self.needs_ref and pf.online_reference == "initial" and lora_enabled(cfg.model):
+                self.ref_model = reference_view(self.model)  # the base model: the policy with its adapter disabled
+            elif self.needs_ref and pf.online_reference == "initial":
                 self.ref_model = copy.deepcopy(self.model) if not checkpoint_ref else load_from_config(cfg.model)[0]
                 self.ref_model.eval().requires_grad_(False)
                 if self.dist is not None:
@@ -213,8 +219,9 @@ class PreferenceTrainer(Job):
                                     "(its reference log-probs belong to other pairs)")
             return cache
         t0 = time.time()
-        cache = {"fingerprint": fp, "train": self._ref_for(self.model, self.data.train, self.kl_completions),
-                 "eval": self._ref_for(self.model, self.data.eval, self.eval_kl_completions)}
+        initial = reference_view(self.model) if lora_enabled(self.cfg.model) else self.model  # LoRA: the base model
+        cache = {"fingerprint": fp, "train": self._ref_for(initial, self.data.train, self.kl_completions),
+                 "eval": self._ref_for(initial, self.data.eval, self.eval_kl_completions)}
         if self.dist is None or self.dist.is_main:  # every rank computed the same numbers; rank 0 writes them
             tmp = path.with_name(f".{path.name}.tmp")
             torch.save(cache, tmp)

@@ -32,6 +32,7 @@ from postrl.config import Config, ConfigError, check_command
 from postrl.data import build_data_source
 from postrl.data.pairs import TokenizedPair, load_preference_data
 from postrl.models.loading import ModelLoadError, resolve_device, resolve_dtype
+from postrl.models.lora import add_lora, lora_enabled
 from postrl.run import Job, StepOutput, distributed, run_job
 from postrl.run.batching import epoch_batches, right_pad
 from postrl.run.optim import accumulated_update, build_optimizer
@@ -70,8 +71,11 @@ class RewardModelTrainer(Job):
         self.cfg = cfg
         pf, m = cfg.preference, cfg.model
         check_command(cfg, "rm")
-        self.model, self.tokenizer = load_reward_model(str(checkpoint) if checkpoint else m.name_or_path,
+        lora = lora_enabled(m)  # LoRA: the base model of model.name_or_path, the adapter (and score head) trained
+        self.model, self.tokenizer = load_reward_model(str(checkpoint) if checkpoint and not lora else m.name_or_path,
                                                        m.dtype, m.device, m.trust_remote_code)
+        if lora:
+            self.model = add_lora(self.model, m.lora, checkpoint, task_type="SEQ_CLS", base_name_or_path=m.name_or_path)
         self.model_source = str(checkpoint) if checkpoint else m.name_or_path
         self.pad = self.tokenizer.pad_token_id
         source = build_data_source(cfg) if pf.path is None else None

@@ -32,7 +32,7 @@ import torch
 from postrl.algorithms import ADVANTAGES, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES
 from postrl.algorithms.advantages import gae_advantages_and_returns, last_token_rewards
 from postrl.algorithms.kl_control import build_kl_controller, kl_penalty_rewards, reference_reset_due
-from postrl.algorithms.policy_losses import tis_weights
+from postrl.algorithms.policy_losses import logprob_mismatch, tis_weights
 from postrl.algorithms.shaping import dynamic_sampling_keep, overlong_filter_mask, overlong_penalty
 from postrl.algorithms.value_losses import clipped_value_loss, shared_backbone_loss
 from postrl.config import Config, ConfigError, check_command
@@ -43,11 +43,12 @@ from postrl.data.samplers import RolloutLedger, build_sampler
 from postrl.data.sources import CORRECT_EPS
 from postrl.eval.report import sample_log_record, should_log_samples
 from postrl.eval.runner import flat_eval_metrics, heldout_eval
-from postrl.models.loading import load_from_config
+from postrl.models.loading import load_from_config, load_policy
+from postrl.models.lora import lora_enabled, reference_view
 from postrl.models.logprobs import completion_logprobs, completion_logprobs_and_values
 from postrl.models.value import ValueHead, ValueModel
 from postrl.rewards import RewardContext, RewardPipeline, check_reward_kwargs, resolve_reward
-from postrl.rollout.backend import build_backend
+from postrl.rollout.backend import TorchBackend, backend_from_config
 from postrl.rollout.batch import RolloutBatch
 from postrl.rollout.generator import Generation, SamplingParams
 from postrl.rollout.selection import guide_failed_groups, luffy_rollout, speed_rollout
@@ -112,7 +113,7 @@ class RLTrainer(Job):
                                        cfg.rollout.n, cfg.train.steps)
         self.ledger = RolloutLedger()  # what each step spends on rollouts (zero-variance accounting)
         self._row_advantages: list[float] = []  # per completion, fed back to the sampler after the update
-        self.model, self.tokenizer, self.model_source = load_from_config(cfg.model, checkpoint and str(checkpoint))
+        self.model, self.tokenizer, self.model_source = load_policy(cfg.model, checkpoint)  # + LoRA adapters
         self.device = next(self.model.parameters()).device
         self.rewards = RewardPipeline(cfg.rewards, self.source, cfg.scoring, RewardContext(
             source=self.source, tokenizer=self.tokenizer, device=self.device))
@@ -124,10 +125,28 @@ class RLTrainer(Job):
                                   f"model.name_or_path={cfg.model.name_or_path!r}; on-policy distillation compares "
                                   "the two models' log-probs token by token and needs the same vocabulary")
             self.ref_model.eval().requires_grad_(False)
+        elif cfg.algo.kl_coef > 0 and lora_enabled(cfg.model):  # LoRA: the base model = the adapter disabled
+            self.ref_model = reference_view(self.model)
         elif cfg.algo.kl_coef > 0:  # reference = the starting policy (the original model, also on resume)
             self.ref_model = copy.deepcopy(self.model) if checkpoint is None else load_from_config(cfg.model)[0]
             self.ref_model.eval().requires_grad_(False)
-        self.backend = build_backend(cfg.rollout.backend, self.model, self.tokenizer)
+        r = cfg.rollout
+        self.async_pipeline = r.async_generation and r.max_staleness > 0
+        if self.async_pipeline and r.backend == "torch":
+            raise ConfigError("rollout.async_generation with rollout.max_staleness > 0 needs a served backend "
+                              "(rollout.backend=openai_server): the torch backend samples from the model that the "
+                              "update changes; use max_staleness=0 or a server")
+        self.backend = backend_from_config(cfg, self.model, self.tokenizer)
+        # served generation (docs/generation-backends.md): the sampler holds a copy of the weights of policy
+        # version sampler_version (None: the sampler is the trainer's own model, always current)
+        self.served = not isinstance(self.backend, TorchBackend)
+        self.sampler_version: int | None = None
+        self.recompute_old = self.served if r.recompute_old_logprobs is None else r.recompute_old_logprobs
+        self._pending = None  # async: (future of the next step's rollout batch, its step)
+        self._sampler_state_at_launch = None
+        self._trained_version = 0
+        self._executor = None
+        self.stale_dropped = 0  # async: samples dropped for being older than max_staleness (counted over the run)
         self.episodes = None  # multi-turn environments (env.name): the episode runner replaces single completions
         if cfg.env.name:
             from postrl.rollout.episodes import runner_from_config
@@ -144,6 +163,9 @@ class RLTrainer(Job):
                 self.dist.prepare(self.ref_model, trainable=False)
             if self.dist.strategy == "fsdp":
                 self.backend = distributed.UnshardedBackend(self.backend, self.model, self.dist)
+            if self.served:
+                raise ConfigError(f"rollout.backend={cfg.rollout.backend!r} runs in one process only "
+                                  "(train.strategy=none) for now")
 
         self.advantage_fn = ADVANTAGES.get_fn(cfg.algo.advantage)
         self.requires = tuple(getattr(self.advantage_fn, "requires", ()))  # the estimator's extra inputs
@@ -180,6 +202,9 @@ class RLTrainer(Job):
 
     def evaluate(self) -> dict[str, Any]:
         e = self.cfg.eval  # greedy accuracy (+ pass@k with eval.n samples): the code of `postrl eval`
+        if self._pending is not None:  # async: the background rollout owns the server until it is done
+            self._pending[0].exception()
+        self._sync_due(self._trained_version, force=True)  # a server evaluates the current weights
         if self.episodes is not None:
             return self.evaluate_episodes()
         def run(samples: list) -> dict[str, Any]:
@@ -220,7 +245,8 @@ class RLTrainer(Job):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "sampler": self.sampler.state_dict(),
+            # async: the prompts of the batch generated ahead are drawn again after a resume
+            "sampler": self._sampler_state_at_launch if self._pending is not None else self.sampler.state_dict(),
             "kl_controller": self.kl_ctl.state_dict(),
             **({"critic": self.critic.state_dict(), "critic_optimizer": self.critic_optimizer.state_dict()}
                if self.critic is not None and not self._sharded else {}),
@@ -273,6 +299,9 @@ class RLTrainer(Job):
         return distributed.rl_layout(P, cfg.rollout.n, cfg.resolved_mini_batch_size, d.world_size, d.rank)
 
     def close(self) -> None:
+        if self._executor is not None:  # async: a rollout still running fails fast once its server is closed
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
         self.rewards.close()  # reward worker processes, judge clients
         self.backend.close()
 
@@ -310,7 +339,8 @@ class RLTrainer(Job):
             self.ledger.generated(len(group), int(gen.lengths.sum()))
         texts, res, rewards = self._score(gen, group, n)
         batch = RolloutBatch.from_generation(gen, group, [self.prompt_text(p) for p in gen.prompt_ids], texts, n,
-                                             policy_version=step, with_entropy=self.backend.reports_entropy)
+                                             policy_version=self._version(step),
+                                             with_entropy=self.backend.reports_entropy)
         batch.rewards = torch.tensor(rewards, dtype=torch.float64)
         batch.components = dict(res.components)
         if self.cfg.algo.overlong_buffer > 0:
@@ -333,7 +363,7 @@ class RLTrainer(Job):
         from postrl.rollout.episodes import EpisodeTask
 
         tasks = [EpisodeTask(sample=s, seed=(seed + 7_919 * g) % 2**31) for g, s in enumerate(samples)]
-        batch = self.episodes.run(tasks, self.cfg.rollout.n, seed=seed, policy_version=step)
+        batch = self.episodes.run(tasks, self.cfg.rollout.n, seed=seed, policy_version=self._version(step))
         self.ledger.generated(len(batch), int(batch.loss_mask.sum()))  # sampled tokens (not the environment's)
         return batch
 
@@ -442,11 +472,15 @@ class RLTrainer(Job):
 
         ref_lp = forward_all(self.ref_model) if self.ref_model is not None else None
         # Old (proximal) log-probs: the sampler's own, unless truncated importance sampling is on, which
-        # needs the trainer's forward of the rollout policy to compare with the behaviour log-probs.
+        # needs the trainer's forward of the rollout policy to compare with the behaviour log-probs, or the
+        # sampler is not the trainer (a server: other kernels, maybe older weights), whose log-probs the
+        # trainer recomputes (rollout.recompute_old_logprobs) and compares: mismatch/*.
         old_lp = behaviour_lp
-        tis_w, tis_stats = None, {}
-        if a.tis_mode != "off":
+        tis_w, tis_stats, mismatch = None, {}, {}
+        if a.tis_mode != "off" or self.recompute_old:
             old_lp = forward_all(self.model)
+            mismatch = logprob_mismatch(old_lp, behaviour_lp, loss_mask)
+        if a.tis_mode != "off":
             tis_w, tis_stats = tis_weights(old_lp, behaviour_lp, loss_mask, a.tis_mode, a.tis_cap)
         kl_coef = self.kl_ctl.value if self.ref_model is not None else 0.0
         token_rewards = None
@@ -613,6 +647,8 @@ class RLTrainer(Job):
                          "ratio_max": self.dist.max(float(tis_stats["ratio_max"]))}
         for k, v in tis_stats.items():
             out[f"tis/{k}"] = float(v)
+        for k, v in mismatch.items():
+            out[f"mismatch/{k}"] = v
         if critic_out is not None:
             out.update(critic_out, policy_frozen=0)
         if self.value_head is not None:
@@ -698,6 +734,65 @@ class RLTrainer(Job):
                 "values_mean": float(old_values[valid].mean()) if valid.any() else 0.0,
                 "returns_mean": float(returns[valid].mean()) if valid.any() else 0.0}
 
+    # ----- served generation: policy versions, weight sync, the asynchronous pipeline --------------------------
+    def _version(self, step: int) -> int:
+        """The policy version of the sampler's weights when it samples for ``step`` (the number of steps whose
+        updates they hold): ``step`` for the trainer's own model, the last synced version for a server."""
+        return step if self.sampler_version is None else self.sampler_version
+
+    def _sync_due(self, version: int, force: bool = False) -> None:
+        """Push the weights (policy ``version``) to a served sampler every ``rollout.sync_every`` versions, or
+        now with ``force``."""
+        if not self.served or self.sampler_version is None or version <= self.sampler_version:
+            return
+        if force or version - self.sampler_version >= self.cfg.rollout.sync_every:
+            self.backend.sync_weights(self.model)
+            self.sampler_version = version
+
+    def _timed_rollout(self, step: int) -> tuple[RolloutBatch, float]:
+        t = time.time()
+        return self.rollout(step), time.time() - t
+
+    def _launch(self, step: int) -> None:
+        """Start ``step``'s rollout in the background thread (it draws prompts and scores like the synchronous
+        one, on its own ledger); the sampler's state from before the draw is what a checkpoint saves."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="postrl-rollout")
+        self._sampler_state_at_launch = copy.deepcopy(self.sampler.state_dict())
+        self.ledger = RolloutLedger()
+        self._pending = (self._executor.submit(self._timed_rollout, step), step)
+
+    def _next_batch(self, step: int) -> tuple[RolloutBatch, float, dict[str, float]]:
+        """``step``'s rollout batch and the time spent waiting for it: the one generated in the background when
+        it is fresh enough (``step - version <= rollout.max_staleness``; older samples are dropped and counted),
+        else generated now (after a weight sync when the server's weights are themselves too old)."""
+        k, info, t = self.cfg.rollout.max_staleness, {}, time.time()
+        batch = None
+        if self._pending is not None:
+            future, for_step = self._pending
+            self._pending = None
+            batch = future.result()[0]
+            own = batch.policy_version >= 0  # (-1: teacher traces, not the policy's)
+            too_old = own & (step - batch.policy_version > k)
+            if for_step != step or bool(too_old.any()):
+                self.stale_dropped += int(own.sum()) if for_step != step else int(too_old.sum())
+                batch = None
+        if batch is None:
+            if self.async_pipeline and self.served and step - self._version(step) > k:
+                self._sync_due(step, force=True)
+            batch = self.rollout(step)
+        t_gen = time.time() - t
+        if self.served:
+            own = batch.policy_version[batch.policy_version >= 0]
+            stale = (step - own).float() if len(own) else torch.zeros(1)
+            info.update({"policy_version_min": float(own.min()) if len(own) else float(step),
+                         "staleness_mean": float(stale.mean()), "staleness_max": float(stale.max()),
+                         "stale_dropped": float(self.stale_dropped)})
+            info.update(getattr(self.backend, "metrics", dict)())
+        return batch, t_gen, info
+
     # ----- the step ------------------------------------------------------------------------------------------
     def step(self, run) -> StepOutput:
         """Rollout, rewards, advantages and the update of step ``run.state.step``."""
@@ -707,22 +802,34 @@ class RLTrainer(Job):
             self.ref_model.load_state_dict(self.model.state_dict())
             self.optimizer.state.clear()
         t0 = time.time()
-        batch = self.rollout(step)
-        t_gen = time.time() - t0
+        if self.served and self.sampler_version is None:  # the server samples from the weights the run starts from
+            if not getattr(self.backend, "started_on_trainer_weights", False):
+                self.backend.sync_weights(self.model)
+            self.sampler_version = step
+        batch, t_gen, served_info = self._next_batch(step)
+        ledger = self.ledger
+        if self.async_pipeline and step + 1 < self.total_steps:  # step + 1's rollout runs while this step trains
+            self._launch(step + 1)
         upd = self.update(batch, step)
+        if self._pending is not None:  # the server keeps its weights until the batch it is sampling is done
+            self._pending[0].exception()
+        self._trained_version = step + 1
+        self._sync_due(step + 1)
         if self.dist is not None:  # metrics and samples of the whole batch, as one process would log them
             parts = self.dist.gather_objects(batch)
             batch = RolloutBatch.concat(parts, self.tokenizer.pad_token_id)
             batch.sampling_tries = parts[0].sampling_tries
         else:  # the sampler's feedback: rewards and advantages of every completion (docs/curricula.md)
             self.sampler.update(batch.samples, episode_returns(batch).tolist(), self._row_advantages)
-        metrics = self._metrics(batch, upd, t_gen, time.time() - t0)
+        metrics = self._metrics(batch, upd, t_gen, time.time() - t0, ledger=ledger)
+        metrics.update(served_info)
         if should_log_samples(step + 1, self.total_steps):  # best/worst completions, for reports
             run.log_samples(sample_log_record(step + 1, batch, self.cfg.rollout.n, tokenizer=self.tokenizer))
         return StepOutput(metrics, ok=not (upd["updates"] == 0 and upd["skipped_updates"] > 0),
                           updated=upd["updates"] > 0 and upd["grad_norm"] > 0)
 
-    def _metrics(self, batch: RolloutBatch, upd: dict[str, float], t_gen: float, t_step: float) -> dict[str, Any]:
+    def _metrics(self, batch: RolloutBatch, upd: dict[str, float], t_gen: float, t_step: float,
+                 ledger: RolloutLedger | None = None) -> dict[str, Any]:
         lengths = batch.lengths.float()
         gen_tokens = float(lengths.sum())
         rewards = episode_returns(batch).tolist()
@@ -752,7 +859,7 @@ class RLTrainer(Job):
         }
         record.update({k: v for k, v in upd.items()
                        if k in ("kl_ref", "kl_coef", "value_loss", "value_clip_frac", "values_mean", "returns_mean",
-                                "policy_frozen") or k.startswith("tis/")})
+                                "policy_frozen") or k.startswith(("tis/", "mismatch/"))})
         for name, values in batch.components.items():
             record[f"reward/{name}"] = float(np.mean(values))
         if getattr(batch, "episodes", None):  # multi-turn: success, return, turns, tool calls, how episodes ended
@@ -767,7 +874,7 @@ class RLTrainer(Job):
             record[f"reward_status/{name}/{status}"] = count
         # zero-variance accounting, per-task numbers of a mixture, the sampler's and guidance's (docs/curricula.md)
         group_ids = batch.group_ids.tolist()
-        ledger = self.ledger.metrics(rewards, group_ids, (batch.policy_version >= 0).tolist())
+        ledger = (ledger or self.ledger).metrics(rewards, group_ids, (batch.policy_version >= 0).tolist())
         record.update(ledger if self.dist is None else {"zero_var/group_frac": ledger["zero_var/group_frac"]})
         record.update(per_task_metrics(batch.samples, rewards, batch.correct, group_ids,
                                        getattr(self.source, "task_names", ())))

@@ -35,7 +35,7 @@ from postrl.data.sft import (
     split_records,
     tokenize_records,
 )
-from postrl.models.loading import load_from_config
+from postrl.models.loading import load_policy
 from postrl.models.logprobs import token_logprobs
 from postrl.run import Job, StepOutput, TrainingError, distributed, run_job
 from postrl.run.optim import accumulated_update, build_optimizer
@@ -80,7 +80,7 @@ class SFTTrainer(Job):
 
     def __init__(self, cfg: Config, checkpoint: Path | None = None):
         self.cfg = cfg
-        self.model, self.tokenizer, self.model_source = load_from_config(cfg.model, checkpoint and str(checkpoint))
+        self.model, self.tokenizer, self.model_source = load_policy(cfg.model, checkpoint)  # + LoRA adapters
         self.device = next(self.model.parameters()).device
         self.dtype = next(self.model.parameters()).dtype
         self.stats = {"train": SFTStats(), "eval": SFTStats()}

@@ -1,0 +1,367 @@
+"""A decode forward of our own for Llama-family causal LMs (Llama, SmolLM2, Qwen2, Qwen3, Mistral without
+sliding window), built from the Hugging Face model's own weight tensors.
+
+Why: transformers' forward is general (any cache, any mask, any attention kernel), and at decode time
+(one token per row) its framework work — mask building, cache bookkeeping, separate q / k / v and gate /
+up projections — costs as much as the matrix products. This forward does only the arithmetic:
+
+- q|k|v and gate|up are each one matrix product, over concatenated copies of the weights that
+  :meth:`FusedLlama.refresh` re-copies at each ``generate`` (the trainer updates the weights in place
+  between generations; ~10 ms for SmolLM2-135M);
+- rotary embeddings come from a cos/sin table computed once by the model's own rotary module;
+- the KV cache is preallocated ``[layers, B, kv_heads, capacity, head_dim]`` with one write column per row
+  (``end``) and an additive mask of the valid columns per row, updated in place (one column per step),
+  never rebuilt: left padding and rows that joined the batch later (continuous batching) are the same
+  case;
+- decode attention lays out the ``g = heads / kv_heads`` query heads of a KV head as ``g`` query
+  positions (grouped-query attention without repeating K/V): two matrix products and a softmax on CPU
+  (faster there than ``scaled_dot_product_attention``, which runs elsewhere and for the prefill);
+- the norms, the SiLU MLP and the (tied or untied) LM head compute what transformers computes.
+
+The values equal transformers' forward to float rounding (tests/test_fast_decode.py: logits to 1e-5 in
+fp32, the same greedy tokens). :func:`supports` says which models qualify; anything else (other
+architectures, PEFT-wrapped or quantized layers, dynamic rotary scaling, sliding-window attention) runs
+through the transformers forward instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FAMILIES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+_STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # the table does not depend on the sequence length
+
+
+def unsupported_reason(model) -> str | None:
+    """Why :class:`FusedLlama` cannot run ``model``, or None when it can."""
+    name = type(model).__name__
+    if name not in FAMILIES:
+        return f"{name} is not one of {', '.join(FAMILIES)} (a PEFT wrapper counts as another class)"
+    cfg = model.config
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"hidden_act={cfg.hidden_act!r} (only silu)"
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if rope_type not in _STATIC_ROPE:
+        return f"rope_type={rope_type!r} (supported: {', '.join(_STATIC_ROPE)})"
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types is not None:
+        if any(t != "full_attention" for t in layer_types):
+            return "sliding-window attention layers"
+    elif getattr(cfg, "sliding_window", None) is not None:
+        return f"sliding_window={cfg.sliding_window}"
+    if getattr(cfg, "partial_rotary_factor", 1.0) != 1.0:
+        return f"partial_rotary_factor={cfg.partial_rotary_factor}"
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "layers") or not hasattr(inner, "rotary_emb") or not isinstance(
+            getattr(inner, "embed_tokens", None), nn.Embedding):
+        return "no model.layers / model.embed_tokens / model.rotary_emb"
+    if any(type(p) not in (nn.Parameter, torch.Tensor) for p in model.parameters()):
+        return "parameters that are not plain tensors (sharded DTensors, quantized weights)"
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        return f"LM head is {type(head).__name__}, not nn.Linear"
+    for layer in inner.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
+        if any(type(m) is not nn.Linear for m in linears):  # LoRA / quantized layers hold more than a weight
+            return "a projection is not a plain nn.Linear (PEFT / LoRA or quantized layers)"
+        if not all(m.weight.dtype.is_floating_point for m in linears):
+            return "non-floating-point weights"
+    return None
+
+
+def supports(model) -> str | None:
+    """The family name (``llama``, ``mistral``, ``qwen2``, ``qwen3``) when :class:`FusedLlama` can run
+    ``model``, else None."""
+    return None if unsupported_reason(model) else FAMILIES[type(model).__name__]
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm: normalise in float32, scale in the input dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _cat_into(store: dict, key: str, parts: list[torch.Tensor] | None) -> None:
+    """``store[key] = cat(parts)``, written into the existing buffer when it has the right shape."""
+    if parts is None:
+        store[key] = None
+        return
+    shape = (sum(p.shape[0] for p in parts),) + tuple(parts[0].shape[1:])
+    buf = store.get(key)
+    if buf is None or buf.shape != shape or buf.dtype != parts[0].dtype or buf.device != parts[0].device:
+        store[key] = torch.cat([p.detach() for p in parts])
+    else:
+        torch.cat([p.detach() for p in parts], out=buf)
+
+
+class KVCache:
+    """Keys and values of B rows, ``[layers, B, kv_heads, capacity, head_dim]`` each, zero-filled.
+
+    Row ``b`` holds valid entries where ``bias[b]`` is 0 (``-inf`` elsewhere: the additive attention mask),
+    writes its next token at column ``end[b]`` and gives it the rotary position ``pos[b]``. Columns below
+    ``span`` (the largest ``end``) are finite in every row (zeros or stale values), so a masked column
+    contributes exactly 0 to attention.
+    """
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype, device):
+        shape = (layers, batch, kv_heads, capacity, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.bias = torch.full((batch, capacity), float("-inf"), dtype=dtype, device=device)
+        self.end = torch.zeros(batch, dtype=torch.long, device=device)
+        self.pos = torch.zeros(batch, dtype=torch.long, device=device)
+        self.span = 0
+        self.capacity = capacity
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def grow(self, span: int) -> None:
+        """Make columns ``[0, span)`` readable: zero those not yet written in any row (finite values)."""
+        if span > self.capacity:
+            raise ValueError(f"KVCache: {span} tokens do not fit the capacity {self.capacity}")
+        if span > self.span:
+            self.k[:, :, :, self.span:span] = 0
+            self.v[:, :, :, self.span:span] = 0
+            self.span = span
+
+    def put(self, row: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Row ``row`` := a prompt's keys / values ``[layers, kv_heads, P, head_dim]`` (no padding)."""
+        P = keys.shape[-2]
+        self.grow(P)
+        self.k[:, row, :, :P] = keys
+        self.v[:, row, :, :P] = values
+        self.bias[row] = float("-inf")
+        self.bias[row, :P] = 0
+        self.end[row] = P
+        self.pos[row] = P
+
+    def compact(self, keep: torch.Tensor) -> torch.Tensor:
+        """Drop the rows where ``keep [B]`` is False: the last kept rows move into the holes, so only the moved
+        rows' filled columns are copied (not the whole cache), and the buffers shrink to a view of their first
+        rows. Returns ``perm [n]``: new row i holds old row ``perm[i]``."""
+        n = int(keep.sum())
+        holes = (~keep[:n]).nonzero().squeeze(-1)
+        movers = keep[n:].nonzero().squeeze(-1) + n
+        perm = torch.arange(n, device=keep.device)
+        if len(holes):
+            s = self.span
+            self.k[:, holes, :, :s] = self.k[:, movers, :, :s]
+            self.v[:, holes, :, :s] = self.v[:, movers, :, :s]
+            for name in ("bias", "end", "pos"):
+                t = getattr(self, name)
+                t[holes] = t[movers]
+            perm[holes] = movers
+        self.k, self.v = self.k[:, :n], self.v[:, :n]
+        self.bias, self.end, self.pos = self.bias[:n], self.end[:n], self.pos[:n]
+        return perm
+
+
+class FusedLlama:
+    """The decode path of one Llama-family HF model: :meth:`prefill` prompts into rows of a :class:`KVCache`,
+    then :meth:`decode` one token per row. Both return the last position's logits ``[rows, vocab]``.
+
+    The weights are the model's tensors (norms, embeddings, LM head, o_proj, down_proj: the tensors
+    themselves) plus concatenated q|k|v and gate|up copies that :meth:`refresh` re-copies (call it before
+    each generation; the Generator does).
+
+    ``compile=True`` runs the decoder layers of :meth:`decode` through ``torch.compile`` (dynamic shapes).
+    Off by default: on the 2-core CPU (SmolLM2-135M shapes, B=64, 50-token cache, 2 threads) the compiled
+    step took 350-377 ms against 150-170 ms eager, after 95 s of compilation.
+    """
+
+    def __init__(self, model, compile: bool = False):
+        reason = unsupported_reason(model)
+        if reason:
+            raise ValueError(f"FusedLlama: unsupported model ({reason})")
+        self.model = model
+        self.family = FAMILIES[type(model).__name__]
+        cfg = model.config
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.group = self.n_heads // self.n_kv
+        self.scale = self.head_dim ** -0.5
+        self.eps = cfg.rms_norm_eps
+        self.inner = model.model
+        self.layers: list = []
+        self.intermediate = self.inner.layers[0].mlp.gate_proj.out_features
+        self._fused: list[dict] = []
+        self._cos = self._sin = None
+        self._decode_layers = (torch.compile(self._decode_layers_eager, dynamic=True) if compile
+                               else self._decode_layers_eager)
+        self.refresh()
+
+    # ----- weights ------------------------------------------------------------------------------------------
+
+    def _sources(self, layer) -> list[torch.Tensor | None]:
+        a, m = layer.self_attn, layer.mlp
+        return [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.q_proj.bias, a.k_proj.bias, a.v_proj.bias,
+                m.gate_proj.weight, m.up_proj.weight, m.gate_proj.bias, m.up_proj.bias]
+
+    def refresh(self) -> None:
+        """Copy the current q|k|v and gate|up weights into the fused matrices (all layers, every call).
+
+        Always a copy, never a check: an optimizer may update the weights in place without a trace (fused
+        AdamW leaves the tensors' ``_version`` unchanged), and the copy costs about 10 ms for SmolLM2-135M
+        on one CPU thread, against seconds for a generation."""
+        layers = list(self.inner.layers)
+        if len(layers) != len(self.layers) or any(a is not b for a, b in zip(layers, self.layers)):
+            self.layers, self._fused = layers, [{} for _ in layers]
+        with torch.no_grad():
+            for layer, f in zip(self.layers, self._fused):
+                qw, kw, vw, qb, kb, vb, gw, uw, gb, ub = self._sources(layer)
+                _cat_into(f, "qkv_w", [qw, kw, vw])
+                _cat_into(f, "qkv_b", [b if b is not None else w.new_zeros(w.shape[0])
+                                       for b, w in ((qb, qw), (kb, kw), (vb, vw))]
+                          if any(b is not None for b in (qb, kb, vb)) else None)
+                _cat_into(f, "gu_w", [gw, uw])
+                _cat_into(f, "gu_b", [b if b is not None else w.new_zeros(w.shape[0]) for b, w in ((gb, gw), (ub, uw))]
+                          if gb is not None or ub is not None else None)
+
+    def _rotary(self, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos / sin tables ``[>= length, head_dim]`` from the model's own rotary module (its scaling
+        included), grown by doubling."""
+        if self._cos is None or self._cos.shape[0] < length or self._cos.device != device:
+            n = max(length, 2 * (self._cos.shape[0] if self._cos is not None else 64))
+            dummy = torch.zeros(1, 1, self.head_dim, device=device, dtype=dtype)
+            cos, sin = self.inner.rotary_emb(dummy, torch.arange(n, device=device)[None])
+            self._cos, self._sin = cos[0], sin[0]
+        return self._cos, self._sin
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        w = self.inner.embed_tokens.weight
+        self._rotary(capacity, w.device, w.dtype)
+        return KVCache(len(self.layers), batch, self.n_kv, capacity, self.head_dim, w.dtype, w.device)
+
+    # ----- forward ------------------------------------------------------------------------------------------
+
+    def _qkv(self, layer, f, x):
+        """x [..., D] -> q [..., H, d], k / v [..., kv, d] (q/k norms of Qwen3 applied)."""
+        a = _rms(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+        qkv = F.linear(a, f["qkv_w"], f["qkv_b"])
+        hq, hk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        q = qkv[..., :hq].unflatten(-1, (self.n_heads, self.head_dim))
+        k = qkv[..., hq:hq + hk].unflatten(-1, (self.n_kv, self.head_dim))
+        v = qkv[..., hq + hk:].unflatten(-1, (self.n_kv, self.head_dim))
+        if self.family == "qwen3":
+            an = layer.self_attn
+            q = _rms(q, an.q_norm.weight, an.q_norm.variance_epsilon)
+            k = _rms(k, an.k_norm.weight, an.k_norm.variance_epsilon)
+        return q, k, v
+
+    def _finish_layer(self, layer, f, x, attn_out):
+        """Residual after attention (o_proj), then the SiLU MLP and its residual."""
+        an, mlp = layer.self_attn, layer.mlp
+        x = x + F.linear(attn_out, an.o_proj.weight, an.o_proj.bias)
+        a = _rms(x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
+        gu = F.linear(a, f["gu_w"], f["gu_b"])
+        h = F.silu(gu[..., :self.intermediate]) * gu[..., self.intermediate:]
+        return x + F.linear(h, mlp.down_proj.weight, mlp.down_proj.bias)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = _rms(x, self.inner.norm.weight, self.inner.norm.variance_epsilon)
+        head = self.model.get_output_embeddings()
+        return F.linear(x, head.weight, head.bias)
+
+    def prefill(self, cache: KVCache, rows: torch.Tensor, ids: torch.Tensor, attn: torch.Tensor,
+                expand: torch.Tensor | None = None) -> torch.Tensor:
+        """Run left-padded prompts ``ids / attn [n, P]`` and store their keys / values in cache rows ``rows``
+        (columns ``[0, P)``; the row's older entries are invalidated). ``expand [len(rows)]``: which of the
+        n prompts each row receives (prefix sharing: a prompt repeated in a group is run once); default
+        the identity. Returns the last position's logits ``[len(rows), vocab]``."""
+        n, P = ids.shape
+        cos_t, sin_t = self._rotary(P, ids.device, cache.k.dtype)
+        positions = (attn.cumsum(-1) - 1).clamp(min=0)
+        cos, sin = cos_t[positions][:, :, None], sin_t[positions][:, :, None]  # [n, P, 1, d]
+        keys = attn.bool()
+        causal = torch.ones(P, P, dtype=torch.bool, device=ids.device).tril()
+        # a padding query sees itself, so that no row of the softmax is empty (no NaN in the padded K/V)
+        mask = (causal & keys[:, None, :]) | torch.eye(P, dtype=torch.bool, device=ids.device)
+        mask = mask[:, None]  # [n, 1, P, P]
+        x = self.inner.embed_tokens(ids)
+        cache.grow(P)  # columns [span, P) of the other rows become readable: keep them finite
+        for i, layer in enumerate(self.layers):
+            f = self._fused[i]
+            q, k, v = self._qkv(layer, f, x)  # [n, P, heads, d]
+            q = _rotate(q, cos, sin).transpose(1, 2)
+            k = _rotate(k, cos, sin).transpose(1, 2)
+            v = v.transpose(1, 2)
+            kr, vr = (k, v) if expand is None else (k[expand], v[expand])
+            cache.k[i, rows, :, :P] = kr
+            cache.v[i, rows, :, :P] = vr
+            if self.group > 1:
+                k, v = k.repeat_interleave(self.group, dim=1), v.repeat_interleave(self.group, dim=1)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            x = self._finish_layer(layer, f, x, o.transpose(1, 2).flatten(2))
+        bias = torch.full((len(rows), cache.capacity), float("-inf"), dtype=cache.bias.dtype, device=ids.device)
+        bias[:, :P] = torch.zeros((), dtype=bias.dtype, device=ids.device).masked_fill(
+            ~(keys if expand is None else keys[expand]), float("-inf"))
+        cache.bias[rows] = bias
+        cache.end[rows] = P
+        n_real = attn.sum(-1)
+        cache.pos[rows] = n_real if expand is None else n_real[expand]
+        logits = self._logits(x[:, -1])
+        return logits if expand is None else logits[expand]
+
+    def _attend(self, q, k, v, mask):
+        """Attention of ``q [B, kv, g, d]`` over ``k / v [B, kv, span, d]`` with the additive ``mask``.
+
+        On CPU as two matrix products and a softmax (in float32, as transformers' eager attention): for one
+        query per row this is 2.4x faster than ``scaled_dot_product_attention``'s CPU kernel (165 vs 400 us
+        per layer at SmolLM2's shapes, B=64, 2 threads); elsewhere ``scaled_dot_product_attention``."""
+        if q.device.type != "cpu":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.scale).add_(mask)
+        return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(q.dtype), v)
+
+    def _decode_layers_eager(self, x, cos, sin, rows, end, mask, keys, values):
+        """The decoder layers for one token per row: ``x [B, D]``, rotary ``cos / sin [B, 1, d]``, the rows'
+        write columns ``end [B]``, ``mask [B, 1, 1, span]``, cache views ``[layers, B, kv, span, d]`` (written
+        in place at ``end``). Returns the last hidden states ``[B, D]``."""
+        B = x.shape[0]
+        for i, layer in enumerate(self.layers):
+            f = self._fused[i]
+            q, k, v = self._qkv(layer, f, x)  # [B, heads, d]
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            ck, cv = keys[i], values[i]
+            ck[rows, :, end] = k
+            cv[rows, :, end] = v
+            # the g query heads of one KV head as g query positions: grouped-query attention without repeat
+            o = self._attend(q.view(B, self.n_kv, self.group, self.head_dim), ck, cv, mask)
+            x = self._finish_layer(layer, f, x, o.reshape(B, self.n_heads * self.head_dim))
+        return x
+
+    def decode(self, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+        """One token per cache row (``tokens [B]``): append its keys / values at each row's ``end`` and return
+        the next-token logits ``[B, vocab]``."""
+        B = tokens.shape[0]
+        end, pos = cache.end, cache.pos
+        span = int(end.max()) + 1
+        cache.grow(span)
+        rows = torch.arange(B, device=tokens.device)
+        cache.bias[rows, end] = 0
+        mask = cache.bias[:, None, None, :span]  # [B, 1, 1, span]: a view of the persistent additive mask
+        cos, sin = self._cos[pos][:, None], self._sin[pos][:, None]  # [B, 1, d]
+        x = self.inner.embed_tokens(tokens)
+        x = self._decode_layers(x, cos, sin, rows, end, mask, cache.k[..., :span, :], cache.v[..., :span, :])
+        cache.end = end + 1
+        cache.pos = pos + 1
+        return self._logits(x)

@@ -1,0 +1,215 @@
+"""postrl's own decode forward (postrl/models/fast_llama.py) and continuous batching give the same results as
+the transformers forward and the plain chunked decode.
+
+- fused logits == transformers logits (1e-5, fp32) on tiny Llama, Qwen2 (q/k/v bias) and Qwen3 (q/k norm) models,
+  prefill of left-padded prompts of different lengths + several decode steps;
+- Generator(decode="fused") == Generator(decode="transformers"): greedy and seeded sampled tokens identical,
+  log-probs and entropies to 1e-5, rows finishing early;
+- continuous batching (finished rows refilled with waiting prompts) == the whole batch at once == chunks;
+- weights changed in place after a generate are used by the next generate;
+- unsupported models (PEFT / LoRA layers, other architectures, sliding windows) fall back to transformers.
+"""
+
+import pytest
+import torch
+from torch import nn
+from transformers import (DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+from postrl.models.fast_llama import FusedLlama, supports, unsupported_reason
+from postrl.rollout.generator import Generator, SamplingParams
+
+VOCAB, PAD, EOS = 40, 0, 1
+
+
+def _tiny(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD,
+                  eos_token_id=EOS, bos_token_id=None)
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=True, **common))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=False, **common))
+    else:
+        model = Qwen3ForCausalLM(Qwen3Config(head_dim=16, tie_word_embeddings=False, **common))
+    with torch.no_grad():  # random (not default-initialised) biases and norm weights, so that they are checked
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if "norm" in name else 0.0))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return _tiny("llama")
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17], [5, 6, 7, 8, 9, 10, 11], [20], [21, 22, 23]]
+
+
+def _left_pad(prompts):
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), PAD, dtype=torch.long)
+    attn = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], attn[i, width - len(p):] = torch.tensor(p), 1
+    return ids, attn
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_fused_logits_equal_transformers_through_prefill_and_decode(family):
+    model = _tiny(family)
+    assert supports(model) == family
+    fused = FusedLlama(model)
+    ids, attn = _left_pad(PROMPTS)
+    B = len(PROMPTS)
+    with torch.inference_mode():
+        cache = fused.new_cache(B, ids.shape[1] + 8)
+        mine = fused.prefill(cache, torch.arange(B), ids, attn)
+        positions = (attn.cumsum(-1) - 1).clamp(min=0)
+        hf_cache = {Generator(model, EOS, PAD)._cache_kw: DynamicCache()}  # `cache` or `past_key_values`
+        ref = model(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True,
+                    **hf_cache).logits[:, -1]
+        assert ref.abs().max() > 0.1  # not a degenerate model
+        assert torch.allclose(mine, ref, atol=1e-5, rtol=0)
+        pos = positions[:, -1:]
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(6):
+            tok = torch.randint(2, VOCAB, (B,), generator=gen)  # not argmax: every row takes other paths
+            attn, pos = torch.cat([attn, attn.new_ones(B, 1)], -1), pos + 1
+            ref = model(input_ids=tok[:, None], attention_mask=attn, position_ids=pos, use_cache=True,
+                        **hf_cache).logits[:, -1]
+            mine = fused.decode(cache, tok)
+            assert torch.allclose(mine, ref, atol=1e-5, rtol=0)
+
+
+def _pair(model, **kw):
+    return [Generator(model, [EOS, 3, 4], PAD, decode=d, **kw) for d in ("fused", "transformers")]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 1.0), (0.8, 0.9)])
+def test_fused_generation_equals_transformers(family, temperature, top_p, llama):
+    model = llama if family == "llama" else _tiny("qwen2")
+    params = SamplingParams(max_new_tokens=14, temperature=temperature, top_p=top_p)
+    a, b = (g.generate(PROMPTS * 2, params, seed=7) for g in _pair(model))
+    assert 0 < int(a.lengths.min()) < 14 or temperature == 0  # EOS ids 3 and 4: rows finish at different steps
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.completion_mask, b.completion_mask)
+    assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5) and torch.allclose(a.entropy, b.entropy, atol=1e-5)
+    assert torch.equal(a.truncated, b.truncated) and a.decode_steps == b.decode_steps
+
+
+def test_fused_generation_with_the_multinomial_sampler_draws_in_prompt_order(llama):
+    """Finished rows leave the fused batch by moving the last rows into their places; the shared random
+    stream is still drawn in prompt order, as the transformers path draws it."""
+    params = SamplingParams(max_new_tokens=14, temperature=1.0)
+    a, b = (g.generate(PROMPTS * 3, params, seed=2) for g in _pair(llama, sampler="multinomial"))
+    assert 0 < int(a.lengths.min()) < 14
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+def test_fused_generation_without_shared_prefill_and_in_chunks(llama):
+    params = SamplingParams(max_new_tokens=10, temperature=1.0)
+    a, b = (g.generate(PROMPTS * 2, params, seed=3, batch_size=5) for g in _pair(llama, share_prefill=False))
+    assert torch.equal(a.completion_ids, b.completion_ids)
+    assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_continuous_batching_equals_whole_batch_and_chunks(llama, temperature):
+    """Refilling finished rows with waiting prompts gives every prompt the tokens it gets in one big batch
+    (fused) and in chunks (transformers forward, same per-row random streams)."""
+    prompts = [p for p in PROMPTS for _ in range(3)]  # groups of 3 (shared prefill of refilled rows too)
+    params = SamplingParams(max_new_tokens=12, temperature=temperature)
+    probe = Generator(llama, EOS, PAD, continuous_batching=True).generate(prompts, params, seed=5)
+    # tokens of a free run as extra EOS ids: rows finish at different steps and their places are refilled
+    eos = [EOS, int(probe.completion_ids[0, 2]), int(probe.completion_ids[9, 6])]
+    cont = Generator(llama, eos, PAD, continuous_batching=True)
+    fused = cont.fused_decoder()
+    prefilled = []
+    prefill = fused.prefill
+    fused.prefill = lambda cache, rows, ids, attn, expand=None: (prefilled.append(ids.shape[0]),
+                                                                 prefill(cache, rows, ids, attn, expand))[1]
+    a = cont.generate(prompts, params, seed=5, batch_size=4)
+    del fused.prefill
+    assert sum(prefilled) == len(PROMPTS) - 1  # each distinct prompt once (the first and fourth are the same)
+    whole = cont.generate(prompts, params, seed=5)
+    chunks = Generator(llama, eos, PAD, decode="transformers", continuous_batching=True).generate(
+        prompts, params, seed=5, batch_size=4)
+    assert int(a.lengths.min()) < 12 and int(a.lengths.max()) == 12  # rows finish early and are refilled
+    chunk_steps = chunks.decode_steps
+    for other in (whole, chunks):
+        assert torch.equal(a.completion_ids, other.completion_ids)
+        assert torch.equal(a.completion_mask, other.completion_mask)
+        assert torch.allclose(a.logprobs, other.logprobs, atol=1e-5)
+        assert torch.allclose(a.entropy, other.entropy, atol=1e-5)
+        assert torch.equal(a.truncated, other.truncated)
+    assert a.decode_steps < chunk_steps  # the refilled batch needs fewer decode steps than 5 chunks
+
+
+def test_fused_decode_uses_weights_changed_in_place(llama):
+    model = _tiny("llama", seed=1)
+    fused_gen, ref_gen = _pair(model)
+    params = SamplingParams(max_new_tokens=8, temperature=0.0)
+    before = fused_gen.generate(PROMPTS, params)
+    # fused AdamW updates the weights in place without bumping their version counters
+    opt = torch.optim.AdamW(model.parameters(), lr=0.3, fused=True)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    after, ref = fused_gen.generate(PROMPTS, params), ref_gen.generate(PROMPTS, params)
+    assert not torch.equal(before.completion_ids, after.completion_ids)
+    assert torch.equal(after.completion_ids, ref.completion_ids)
+    assert torch.allclose(after.logprobs, ref.logprobs, atol=1e-5)
+    with torch.no_grad():  # and writes through .data, which no counter sees either
+        for p in model.parameters():
+            p.data.mul_(-1.0)
+    again, ref = fused_gen.generate(PROMPTS, params), ref_gen.generate(PROMPTS, params)
+    assert torch.equal(again.completion_ids, ref.completion_ids)
+    assert torch.allclose(again.logprobs, ref.logprobs, atol=1e-5)
+
+
+def test_unsupported_models_fall_back_to_transformers(llama):
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2, n_positions=64)).eval()
+    assert supports(gpt2) is None and "GPT2LMHeadModel" in unsupported_reason(gpt2)
+    mistral = MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                               sliding_window=16)).eval()
+    assert supports(mistral) is None and "sliding" in unsupported_reason(mistral)
+    mistral.config.sliding_window = None
+    assert supports(mistral) == "mistral"
+
+    class LoraLinear(nn.Linear):  # what PEFT does: a projection that is more than its weight
+        pass
+
+    model = _tiny("llama", seed=2)
+    proj = model.model.layers[0].self_attn.q_proj
+    lora = LoraLinear(proj.in_features, proj.out_features, bias=False)
+    lora.weight = proj.weight
+    model.model.layers[0].self_attn.q_proj = lora
+    assert supports(model) is None
+    auto = Generator(model, EOS, PAD)
+    assert auto.fused_decoder() is None
+    out = auto.generate(PROMPTS, SamplingParams(max_new_tokens=4, temperature=0.0))  # the transformers forward
+    assert out.completion_ids.shape[0] == len(PROMPTS)
+    with pytest.raises(ValueError, match="decode='fused' cannot run this model"):
+        Generator(model, EOS, PAD, decode="fused").generate(PROMPTS, SamplingParams(max_new_tokens=2))
+
+
+def test_peft_wrapped_model_is_not_fused(llama):
+    peft = pytest.importorskip("peft")
+    model = _tiny("llama", seed=3)
+    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert supports(wrapped) is None
+    assert supports(wrapped.base_model.model) is None  # LoRA layers replaced the projections
+
+
+def test_generator_rejects_bad_decode_options(llama):
+    with pytest.raises(ValueError, match="decode='fast'"):
+        Generator(llama, EOS, PAD, decode="fast")
+    with pytest.raises(ValueError, match="continuous_batching needs sampler='inverse_cdf'"):
+        Generator(llama, EOS, PAD, sampler="multinomial", continuous_batching=True)
+    with pytest.raises(ValueError, match="kv_cache='dynamic'"):
+        Generator(llama, EOS, PAD, decode="fused", kv_cache="dynamic")
