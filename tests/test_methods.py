@@ -182,7 +182,8 @@ def test_every_recipe_learns_the_toy_task(tiny_config, name):
            "train.micro_batch_size=128", "train.lr=2e-3", "critic.lr=2e-3", "critic.warmup_steps=0",
            "train.steps=150", "run.seed=0", "run.threads=2", "algo.overlong_buffer=0"]
     if name == "remax":  # unnormalised advantages r - r_greedy in {-1, 0, 1}: smaller steps, more of them
-        toy += ["train.steps=250"]
+        toy += ["train.steps=300"]  # seed 0: 0.907 at 250 steps with the per-tensor AdamW loop, 0.873 with the
+        # fused kernel (rounding only); 0.914 at 300
     if name == "reinforce_pp":  # batch-normalised advantages, no per-prompt baseline: noisier, ~0.9 at step 150
         toy += ["train.steps=200"]  # seeds 0/1/2: last-10 mean reward 0.930 / 0.918 / 0.998
     if name == "gfpo":  # sample 16, train on the recipe's gfpo_k = 8 of each group: half the samples train,

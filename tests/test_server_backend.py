@@ -224,38 +224,23 @@ def test_server_of_another_model_is_refused(model_and_tok, fake):
     b.close()
 
 
-def test_http_500_then_success_is_a_counted_retry(model_and_tok, fake):
+@pytest.mark.parametrize("fault,kind,times", [("500", "http_500", 2), ("malformed", "malformed", 1),
+                                              ("short", "malformed", 1), ("drop", "connection", 1)])
+def test_failed_answers_are_retried_counted_and_then_an_error(model_and_tok, fake, fault, kind, times):
+    """An HTTP 500, malformed JSON, too few log-probs or a dropped connection: retried (the batch equals a clean
+    one), counted per kind; four failures in a row (retries=3) are a ServerError."""
     model, tok = model_and_tok
     server = fake()
     b = backend(model, tok, [server.url], max_concurrency=1)
     try:
         ps, params = prompts(tok, 3), SamplingParams(4, temperature=0.0)
         clean = b.generate(ps, params)
-        server.faults = ["500", "500"]
+        server.faults = [fault] * times
         got = b.generate(ps, params)
         assert torch.equal(got.completion_ids, clean.completion_ids)
         assert torch.equal(got.logprobs, clean.logprobs)
         m = b.metrics()
-        assert m["server/retries"] == 2 and m["server/retries/http_500"] == 2
-        server.faults = ["500"] * 4  # retries=3: four failed attempts are an error
-        with pytest.raises(ServerError, match="HTTP 500.*gave up after 4 attempts"):
-            b.generate(ps[:1], params)
-    finally:
-        b.close()
-
-
-@pytest.mark.parametrize("fault,kind", [("malformed", "malformed"), ("short", "malformed"), ("drop", "connection")])
-def test_malformed_or_dropped_answers_are_retried_and_counted(model_and_tok, fake, fault, kind):
-    model, tok = model_and_tok
-    server = fake()
-    b = backend(model, tok, [server.url], max_concurrency=1)
-    try:
-        ps, params = prompts(tok, 2), SamplingParams(4, temperature=0.0)
-        clean = b.generate(ps, params)
-        server.faults = [fault]
-        got = b.generate(ps, params)
-        assert torch.equal(got.completion_ids, clean.completion_ids)
-        assert b.metrics()[f"server/retries/{kind}"] == 1
+        assert m["server/retries"] == times and m[f"server/retries/{kind}"] == times
         server.faults = [fault] * 4
         with pytest.raises(ServerError, match="gave up after 4 attempts"):
             b.generate(ps[:1], params)
@@ -458,11 +443,11 @@ def test_async_with_max_staleness_0_is_the_synchronous_run(tiny_config, fake):
     assert len(rewards_of(sync_dir)) == 4
 
 
-def test_async_max_staleness_1_never_uses_an_older_sample(tiny_config, fake):
+def _run_recording_versions(cfg):
+    """Run ``cfg`` and record, for every update, its step and the policy versions of the batch it trained on."""
     from postrl.run import run_job
     from postrl.trainer.rl import RLTrainer
 
-    server = fake()
     used = []
 
     class Spy(RLTrainer):
@@ -470,8 +455,13 @@ def test_async_max_staleness_1_never_uses_an_older_sample(tiny_config, fake):
             used.append((step, batch.policy_version.tolist()))
             return super().update(batch, step)
 
-    run_dir = run_job(Spy, served(tiny_config, server.url, "train.steps=6", "rollout.async_generation=true",
-                                  "rollout.max_staleness=1"))[0]
+    return run_job(Spy, cfg)[0], used
+
+
+def test_async_max_staleness_1_never_uses_an_older_sample(tiny_config, fake):
+    server = fake()
+    run_dir, used = _run_recording_versions(served(tiny_config, server.url, "train.steps=6",
+                                                   "rollout.async_generation=true", "rollout.max_staleness=1"))
     assert [s for s, _ in used] == list(range(6))
     for step, versions in used:
         assert all(0 <= step - v <= 1 for v in versions), (step, versions)
@@ -483,19 +473,10 @@ def test_async_max_staleness_1_never_uses_an_older_sample(tiny_config, fake):
 def test_async_drops_and_counts_samples_older_than_max_staleness(tiny_config, fake):
     """sync_every=3 with max_staleness=1: the batch generated ahead is two versions old at times; it is dropped
     (counted), the weights are pushed and the batch generated again."""
-    from postrl.run import run_job
-    from postrl.trainer.rl import RLTrainer
-
     server = fake()
-    used = []
-
-    class Spy(RLTrainer):
-        def update(self, batch, step):
-            used.append((step, batch.policy_version.tolist()))
-            return super().update(batch, step)
-
-    run_dir = run_job(Spy, served(tiny_config, server.url, "train.steps=6", "rollout.async_generation=true",
-                                  "rollout.max_staleness=1", "rollout.sync_every=3"))[0]
+    run_dir, used = _run_recording_versions(served(tiny_config, server.url, "train.steps=6",
+                                                   "rollout.async_generation=true", "rollout.max_staleness=1",
+                                                   "rollout.sync_every=3"))
     for step, versions in used:
         assert all(0 <= step - v <= 1 for v in versions), (step, versions)
     assert max(r.get("stale_dropped", 0) for r in read_metrics(run_dir)) > 0

@@ -50,22 +50,15 @@ def completion_logprobs(
     return _from_logits(logits, completion_ids, completion_mask, temperature, with_entropy, entropy_grad)
 
 
-def completion_logprobs_and_values(
-    model,
-    value_head,
-    prompts: list[list[int]],
-    completion_ids: Tensor,
-    completion_mask: Tensor,
-    pad_id: int,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-    entropy_grad: bool = False,
-) -> tuple[Tensor, Tensor | None, Tensor]:
+def completion_logprobs_and_values(model, value_head, prompts: list[list[int]], completion_ids: Tensor,
+                                   completion_mask: Tensor, pad_id: int, temperature: float = 1.0,
+                                   **entropy_options: bool) -> tuple[Tensor, Tensor | None, Tensor]:
     """:func:`completion_logprobs` and the values of a value head on the same backbone, from one forward pass.
 
     The decoder's last hidden state (after its final norm) at the position whose logits sample token t goes
     through the LM head (log-prob of token t) and through ``value_head`` (``V(s_t)``, the value of the prefix
-    before token t, as :class:`postrl.models.value.ValueModel` defines it). Returns ``(logprobs [B, T],
+    before token t, as :class:`postrl.models.value.ValueModel` defines it); ``entropy_options``: ``with_entropy``,
+    ``entropy_grad`` as for :func:`completion_logprobs`. Returns ``(logprobs [B, T],
     entropy [B, T] or None, values [B, T])``, 0 at padding; gradients flow into the backbone from both.
     """
     input_ids, attn, positions = build_inputs(prompts, completion_ids, completion_mask, pad_id)
@@ -74,12 +67,12 @@ def completion_logprobs_and_values(
                                  use_cache=False).last_hidden_state[:, -T - 1:-1, :]
     logits = model.get_output_embeddings()(hidden).float()
     values = value_head(hidden).squeeze(-1).float() * completion_mask.to(torch.float32)
-    lp, ent = _from_logits(logits, completion_ids, completion_mask, temperature, with_entropy, entropy_grad)
+    lp, ent = _from_logits(logits, completion_ids, completion_mask, temperature, **entropy_options)
     return lp, ent, values
 
 
 def _from_logits(logits: Tensor, completion_ids: Tensor, completion_mask: Tensor, temperature: float,
-                 with_entropy: bool, entropy_grad: bool) -> tuple[Tensor, Tensor | None]:
+                 with_entropy: bool = False, entropy_grad: bool = False) -> tuple[Tensor, Tensor | None]:
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     mask = completion_mask.to(logits.dtype)
