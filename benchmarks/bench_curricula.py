@@ -184,24 +184,30 @@ def summary(args) -> None:
         methods = sorted({p.name.rsplit("-s", 1)[0] for p in sdir.iterdir() if p.is_dir()})
         seeds = sorted({int(p.name.rsplit("-s", 1)[1]) for p in sdir.iterdir() if p.is_dir()})
         agg: dict[str, list] = {}
+        def finished(run: Path):
+            """A finished run's (rows, results, zero-variance share of sampled groups, of trained groups)."""
+            if not (run / "results.json").exists():
+                return None
+            rows, res = read(run)
+            if "eval_after" not in res:  # still running
+                return None
+            return (rows, res, sum(r["zero_var/sampled_group_frac"] for r in rows) / len(rows),
+                    sum(r["zero_var/group_frac"] for r in rows) / len(rows))
+
         for seed in seeds:
-            u = sdir / f"uniform-s{seed}"
-            if not (u / "results.json").exists() or "eval_after" not in read(u)[1]:
+            uniform = finished(sdir / f"uniform-s{seed}")
+            if uniform is None:
                 continue
-            urows, ures = read(u)
+            urows, ures, uzero, utrained = uniform
             ucurve = curve(urows, ures)
             target, utokens = ucurve[-1][2], ucurve[-1][1]
-            uzero = sum(r["zero_var/sampled_group_frac"] for r in urows) / len(urows)
-            utrained = sum(r["zero_var/group_frac"] for r in urows) / len(urows)
             for m in methods:
-                d = sdir / f"{m}-s{seed}"
-                if not (d / "results.json").exists() or "eval_after" not in read(d)[1]:
+                run = finished(sdir / f"{m}-s{seed}")
+                if run is None:
                     continue
-                rows, res = read(d)
+                rows, res, zero, trained = run
                 c = curve(rows, res)
                 reach = next((tok for _, tok, acc in c if acc >= target - 1e-9 and tok > 0), None)
-                zero = sum(r["zero_var/sampled_group_frac"] for r in rows) / len(rows)
-                trained = sum(r["zero_var/group_frac"] for r in rows) / len(rows)
                 ratio = reach / utokens if reach is not None else float("nan")
                 change = (zero - uzero) / uzero if uzero else float("nan")
                 agg.setdefault(m, []).append((c[-1][2], ratio, zero, change, trained, utrained))
