@@ -9,7 +9,10 @@ same step's linear layers measured alone (per layer: q, k, v, o, gate, up, down 
 and the LM head), each as GFLOP/s; postrl's fused decode step (postrl/models/fast_llama.py) at the same
 shapes (and its torch.compile'd variant with --compile); postrl's Generator on B distinct 50-token prompts
 x 32 tokens (prefill included) with the transformers forward and with the fused one, as tokens/s and as
-a share of the FLOP-bound limit (2048^2 matmul throughput / FLOPs per token, as in BENCHMARKS.md); and
+a share of the FLOP-bound limit (2048^2 matmul throughput / FLOPs per token, as in BENCHMARKS.md); the same
+in GRPO's shape (B/8 distinct prompts x 8 copies, each prompt prefilled once, 128 tokens per row, no EOS, so
+the batch stays at B; the limit keeps the 50-token context of the FLOP count, which understates the FLOPs of
+the longer contexts and so the share); and
 continuous batching: 4B prompts through a decode batch of B, with a few frequent tokens as extra EOS ids
 so that completions end at different steps, chunked vs refilled.
 """
@@ -42,6 +45,9 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="postrl.models.tiny instead of --model (smoke run)")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the fused decode step")
+    ap.add_argument("--group", type=int, default=8, help="GRPO shape: copies of each prompt (batch / group prompts)")
+    ap.add_argument("--grpo-tokens", type=int, default=128, help="GRPO shape: new tokens per completion")
+    ap.add_argument("--only-grpo", action="store_true", help="skip the step breakdown and continuous batching")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
@@ -103,7 +109,7 @@ def main() -> None:
     vocab = model.config.vocab_size
     with torch.inference_mode():
         ids = torch.randint(lo, hi, (B, 50))
-        fused_steps = {"eager": FusedLlama(model)}
+        fused_steps = {} if args.only_grpo else {"eager": FusedLlama(model)}
         if args.compile:
             fused_steps["compiled"] = FusedLlama(model, compile=True)
         for label, fused in fused_steps.items():
@@ -131,7 +137,7 @@ def main() -> None:
     print(f"FLOP-bound limit: {flops_token / 1e6:.1f} MFLOP per token -> {limit:.0f} generated tokens/s")
     prompts = [[lo + (i + j) % (hi - lo) for i in range(50)] for j in range(B)]
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0)
-    for decode in ("transformers", "fused"):
+    for decode in () if args.only_grpo else ("transformers", "fused"):
         gen = Generator(model, tok.eos_token_id, tok.pad_token_id, decode=decode)
         gen.generate(prompts[:2], SamplingParams(max_new_tokens=2), seed=0)  # warm-up
         start = time.perf_counter()
@@ -142,6 +148,23 @@ def main() -> None:
               f"{dt:.2f} s for {n} tokens = {n / dt:.0f} tokens/s = {100 * n / dt / limit:.1f}% of the limit "
               f"({out.decode_steps} steps; prefill of {50 * B} prompt tokens included)")
 
+    # GRPO's shape: B // group distinct prompts x `group` copies (each distinct prompt prefilled once), every row
+    # decoding to the budget (no EOS id can be sampled), so the decode batch stays at B for every step
+    group, long_params = args.group, SamplingParams(max_new_tokens=args.grpo_tokens, temperature=1.0)
+    grpo_prompts = [prompts[j // group] for j in range(B)]
+    for decode in ("transformers", "fused"):
+        gen = Generator(model, [-1], tok.pad_token_id, decode=decode)
+        gen.generate(grpo_prompts[:2], SamplingParams(max_new_tokens=2), seed=0)  # warm-up
+        start = time.perf_counter()
+        out = gen.generate(grpo_prompts, long_params, seed=0)
+        dt = time.perf_counter() - start
+        n = int(out.completion_mask.sum())
+        print(f"postrl Generator decode={decode}, GRPO shape {B // group} prompts x {group} copies x "
+              f"{args.grpo_tokens} tokens (batch {B} every step): {dt:.2f} s for {n} tokens = {n / dt:.0f} tokens/s "
+              f"= {100 * n / dt / limit:.1f}% of the limit (prefill of {50 * B // group} prompt tokens included)")
+
+    if args.only_grpo:
+        return
     # continuous batching: 4B prompts through B decode rows; completions end early at a few frequent tokens
     many = [prompts[j % B][:50 - (j % 7)] + [1 + j % (vocab - 1)] for j in range(4 * B)]
     probe = Generator(model, tok.eos_token_id, tok.pad_token_id).generate(many[:B], params, seed=1)

@@ -116,10 +116,13 @@ def run_postrl(spec: dict[str, Any], chan: Channel, baseline: bool = False) -> N
     seed_everything(cfg.run.seed)  # what postrl.run.run_job does before building the trainer
     trainer = RLTrainer(cfg)
     generator = trainer.backend.generator  # the torch backend's Generator
-    if baseline:  # the speed levers off: DynamicCache, torch.multinomial, no shared prefill, unsorted micro batches
+    if baseline:  # the speed levers off: DynamicCache, torch.multinomial, no shared prefill (generation nor
+        # update), unsorted micro batches, transformers' decode forward
         generator.kv_cache, generator.sampler = "dynamic", "multinomial"
         generator.share_prefill = False
+        generator.decode = "transformers"
         trainer.sort_micro_batches = False
+        trainer.share_prefix = False
     timing = {"gen_s": 0.0}
     generate = generator.generate
 

@@ -66,7 +66,16 @@ def test_kl_in_reward_and_adaptive_coefficient(tiny_config):
     rows = read_metrics(run_dir)
     coefs = [r["kl_coef"] for r in rows]
     assert coefs[0] == pytest.approx(0.05)
-    assert coefs[-1] > coefs[0]  # KL above the tiny target: the controller raises the coefficient
+    # the controller raises the coefficient after a step whose KL is above the tiny target and lowers it after one
+    # below (at step 1 the policy is the reference: KL 0); the policy moves, so the KL exceeds the target at least once
+    raised = 0
+    for now, nxt in zip(rows, rows[1:]):
+        if now["kl_ref"] > 1e-6:
+            assert nxt["kl_coef"] > now["kl_coef"]
+            raised += 1
+        else:
+            assert nxt["kl_coef"] < now["kl_coef"]
+    assert raised >= 1
     assert all(r["kl_ref"] >= 0 for r in rows)
 
 
@@ -141,8 +150,10 @@ PENDING_RECIPES: set[str] = set()  # issue 17: every trainer hook a recipe needs
 # (0.23 at 150). Without a baseline, pushing the wrong samples down on this random 64-wide model mostly
 # flattens the shared output distribution (the negative push of a digit in the other prompts outweighs the
 # lambda-weighted push in its own), see docs/algorithms.md.
+# Measured 2026-12-02 (seed 0, 600 steps: 0.745): three prompts collapse onto a wrong digit with probability
+# 0.99, where the sampled wrong token's gradient -(e_w - p) vanishes; docs/algorithms.md lists the variants tried.
 SLOW_ON_TOY = {"w_reinforce": "lambda=0.1 W-REINFORCE learns the toy task slowly (seed 0: mean reward 0.12 after "
-                              "150 steps, 0.73 after 400; lr 5e-3 or 1e-2 stall at ~0.1)"}
+                              "150 steps, 0.73 after 400, 0.745 after 600; lr 5e-3 or 1e-2 stall at ~0.1)"}
 # RL recipes (postrl train); those with a preference/sft/stages section belong to postrl dpo / rm / sft / pipeline
 METHOD_RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml") if p.stem != "quickstart"
                         and p.stem != "quickstart_lora"  # the quickstart's algo with LoRA: tests/test_lora.py
@@ -179,7 +190,11 @@ def _toy_param(name: str):
 def test_every_recipe_learns_the_toy_task(tiny_config, name):
     """Each method's recipe, on the tiny model and the copy task of the core tests: chance -> >= 0.9."""
     method = _recipe_method_overrides(name)
-    toy = ["rollout.n=8", "rollout.max_new_tokens=1", "train.prompts_per_step=16", "train.mini_batch_size=0",
+    # Groups of 16: with groups of 8 (until 2026-12-02) seed 0 of the GRPO-family trajectory collapsed one digit
+    # onto a wrong answer with probability ~1 once the shared-prefix update changed the float rounding (0.820 after
+    # 150 steps; seeds 0-4 of cispo: 0.820, 0.926, 0.993, 0.992, 0.992), and an all-wrong group teaches GRPO
+    # nothing. With 16: 0.995 for seeds 0-4 alike. The per-recipe notes below were measured with groups of 8.
+    toy = ["rollout.n=16", "rollout.max_new_tokens=1", "train.prompts_per_step=16", "train.mini_batch_size=0",
            "train.micro_batch_size=128", "train.lr=2e-3", "critic.lr=2e-3", "critic.warmup_steps=0",
            "train.steps=150", "run.seed=0", "run.threads=2", "algo.overlong_buffer=0"]
     if name == "remax":  # unnormalised advantages r - r_greedy in {-1, 0, 1}: smaller steps, more of them
@@ -187,8 +202,9 @@ def test_every_recipe_learns_the_toy_task(tiny_config, name):
         # fused kernel (rounding only); 0.914 at 300
     if name == "reinforce_pp":  # batch-normalised advantages, no per-prompt baseline: noisier, ~0.9 at step 150
         toy += ["train.steps=200"]  # seeds 0/1/2: last-10 mean reward 0.930 / 0.918 / 0.998
-    if name == "gfpo":  # sample 16, train on the recipe's gfpo_k = 8 of each group: half the samples train,
-        toy += ["rollout.n=16", "train.prompts_per_step=8", "train.steps=250"]  # 0.797 at 150, 0.953 at 250
+    if name == "gfpo":  # sample 32, train on the recipe's gfpo_k = 8 of each group (GFPO's regime: sample
+        toy += ["rollout.n=32"]  # more, keep k): 0.989 at 150 steps; sampling 16 and keeping 8: 0.908 / 0.914 at
+        # 150 / 250 steps
     if name == "passk":  # pass@4 gives a group with < 4 wrong of 8 advantage 0, so pass@1 stalls at ~0.89
         toy += ["algo.passk_k=2"]  # (k=4: 0.876 at 150, 0.884 at 250 steps); k=2: 0.973 at 150
     if name == "top_entropy":  # one token per completion: rho = 0.2 trains on a fifth of the samples (measured

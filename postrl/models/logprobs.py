@@ -1,11 +1,25 @@
-"""Per-token log-probs (and entropy) of given completions under a causal LM."""
+"""Per-token log-probs (and entropy) of given completions under a causal LM.
+
+Shared prompts (a GRPO group's ``n`` copies of one prompt in a micro batch) go through the model once: the
+distinct prompts are run with a KV cache, the cache rows are copied to every completion of their prompt
+(an index along the batch, so the gradient of each copy flows back into the one prompt pass), and the
+completions run on top of it. Attention, positions and logits are those of the unshared forward, so
+log-probs and gradients equal it up to floating-point summation order (tests/test_shared_prefix.py);
+the prompt tokens' FLOPs are divided by the number of copies.
+"""
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import Tensor
 
-from postrl.rollout.generator import left_pad
+from postrl.rollout.generator import cache_keyword, left_pad
+
+# models whose cache is not a plain DynamicCache of full-attention layers (sliding windows, linear
+# attention, offloading, no cache under gradient checkpointing): they keep the unshared forward
+_NO_SHARING: weakref.WeakSet = weakref.WeakSet()
 
 
 def build_inputs(prompts: list[list[int]], completion_ids: Tensor, completion_mask: Tensor, pad_id: int):
@@ -22,6 +36,58 @@ def build_inputs(prompts: list[list[int]], completion_ids: Tensor, completion_ma
     return input_ids, attn, positions
 
 
+def distinct_prompts(prompts: list[list[int]]) -> tuple[list[list[int]], Tensor]:
+    """The distinct prompts (in order of first appearance) and each row's index into them ``[B]``."""
+    index: dict[tuple[int, ...], int] = {}
+    inverse = [index.setdefault(tuple(p), len(index)) for p in prompts]
+    return [list(p) for p in index], torch.tensor(inverse, dtype=torch.long)
+
+
+def prompt_groups(prompts: list[list[int]]) -> tuple[list[list[int]], Tensor] | None:
+    """:func:`distinct_prompts`, or None when every prompt is distinct (nothing to share)."""
+    unique, inverse = distinct_prompts(prompts)
+    return None if len(unique) == len(prompts) else (unique, inverse)
+
+
+def _shareable_cache(cache) -> bool:
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    return type(cache) is DynamicCache and all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def _output_cache(out):
+    cache = getattr(out, "cache", None)  # transformers >= 5.24; `past_key_values` before
+    return getattr(out, "past_key_values", None) if cache is None else cache
+
+
+def _shared_prefix_states(run, model, prompts: list[list[int]], completion_ids: Tensor, completion_mask: Tensor,
+                          pad_id: int, groups: tuple[list[list[int]], Tensor]) -> Tensor | None:
+    """The states (logits or hidden states) at the positions that predict each completion token, ``[B, T, .]``,
+    with every distinct prompt run once. ``run(keep, **model_kwargs) -> (states of the last keep positions,
+    cache)``; ``model``: the module whose forward ``run`` calls. None when the model's cache cannot be shared
+    (the caller falls back to the unshared forward).
+    """
+    unique, inverse = groups
+    device = completion_ids.device
+    inverse = inverse.to(device)
+    p_ids, p_mask = left_pad(unique, pad_id, device)
+    p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
+    first, cache = run(1, input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True)
+    if cache is None or not _shareable_cache(cache):  # None: e.g. gradient checkpointing turns the cache off
+        return None
+    first = first[inverse]  # [B, 1, .]: predicts completion token 0
+    T = completion_ids.shape[1]
+    if T == 1:
+        return first
+    cache.batch_select_indices(inverse)  # differentiable: each copy's gradient flows back into its prompt
+    lengths = p_mask.sum(-1)[inverse]
+    attn = torch.cat([p_mask[inverse], completion_mask.to(p_mask.dtype)], dim=1)
+    positions = lengths[:, None] + torch.arange(T, device=device)
+    rest, _ = run(T, input_ids=completion_ids, attention_mask=attn, position_ids=positions, use_cache=True,
+                  **{cache_keyword(model): cache})
+    return torch.cat([first, rest[:, :-1]], dim=1)
+
+
 def completion_logprobs(
     model,
     prompts: list[list[int]],
@@ -31,6 +97,7 @@ def completion_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     entropy_grad: bool = False,
+    share_prefix: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Log-prob of each completion token given its prompt and the tokens before it.
 
@@ -41,8 +108,21 @@ def completion_logprobs(
 
     Shapes: ``completion_ids, completion_mask [B, T]`` -> ``logprobs [B, T]``,
     ``entropy [B, T]`` (or None; differentiable only with ``entropy_grad``).
-    Padding positions hold 0.
+    Padding positions hold 0. With ``share_prefix``, a prompt that several rows share is run once (see
+    the module docstring).
     """
+    groups = prompt_groups(prompts) if share_prefix and model not in _NO_SHARING else None
+    if groups is not None:
+
+        def run(keep: int, **kwargs):
+            out = model(logits_to_keep=keep, **kwargs)
+            return out.logits, _output_cache(out)
+
+        logits = _shared_prefix_states(run, model, prompts, completion_ids, completion_mask, pad_id, groups)
+        if logits is not None:
+            return _from_logits(logits.float(), completion_ids, completion_mask, temperature, with_entropy,
+                                entropy_grad)
+        _NO_SHARING.add(model)
     input_ids, attn, positions = build_inputs(prompts, completion_ids, completion_mask, pad_id)
     T = completion_ids.shape[1]
     logits = model(input_ids=input_ids, attention_mask=attn, position_ids=positions,
@@ -52,6 +132,7 @@ def completion_logprobs(
 
 def completion_logprobs_and_values(model, value_head, prompts: list[list[int]], completion_ids: Tensor,
                                    completion_mask: Tensor, pad_id: int, temperature: float = 1.0,
+                                   share_prefix: bool = True,
                                    **entropy_options: bool) -> tuple[Tensor, Tensor | None, Tensor]:
     """:func:`completion_logprobs` and the values of a value head on the same backbone, from one forward pass.
 
@@ -60,11 +141,25 @@ def completion_logprobs_and_values(model, value_head, prompts: list[list[int]], 
     before token t, as :class:`postrl.models.value.ValueModel` defines it); ``entropy_options``: ``with_entropy``,
     ``entropy_grad`` as for :func:`completion_logprobs`. Returns ``(logprobs [B, T],
     entropy [B, T] or None, values [B, T])``, 0 at padding; gradients flow into the backbone from both.
+    ``share_prefix``: as for :func:`completion_logprobs`.
     """
-    input_ids, attn, positions = build_inputs(prompts, completion_ids, completion_mask, pad_id)
-    T = completion_ids.shape[1]
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attn, position_ids=positions,
-                                 use_cache=False).last_hidden_state[:, -T - 1:-1, :]
+    decoder = model.get_decoder()
+    groups = prompt_groups(prompts) if share_prefix and model not in _NO_SHARING else None
+    hidden = None
+    if groups is not None:
+
+        def run(keep: int, **kwargs):
+            out = decoder(**kwargs)
+            return out.last_hidden_state[:, -keep:], _output_cache(out)
+
+        hidden = _shared_prefix_states(run, decoder, prompts, completion_ids, completion_mask, pad_id, groups)
+        if hidden is None:
+            _NO_SHARING.add(model)
+    if hidden is None:
+        input_ids, attn, positions = build_inputs(prompts, completion_ids, completion_mask, pad_id)
+        T = completion_ids.shape[1]
+        hidden = decoder(input_ids=input_ids, attention_mask=attn, position_ids=positions,
+                         use_cache=False).last_hidden_state[:, -T - 1:-1, :]
     logits = model.get_output_embeddings()(hidden).float()
     values = value_head(hidden).squeeze(-1).float() * completion_mask.to(torch.float32)
     lp, ent = _from_logits(logits, completion_ids, completion_mask, temperature, **entropy_options)

@@ -200,6 +200,17 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def cache_keyword(model) -> str:
+    """The forward argument that takes a KV cache: ``cache`` from transformers 5.24 on (``past_key_values`` is
+    deprecated there), ``past_key_values`` before."""
+    try:
+        # a LoRA policy (PEFT) forwards **kwargs to the model it wraps: ask that model
+        params = inspect.signature(getattr(model, "get_base_model", lambda: model)().forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    return "cache" if "cache" in params else "past_key_values"
+
+
 class Generator:
     """Samples completions from ``model`` (an HF causal LM) for token-id prompts.
 
@@ -240,13 +251,7 @@ class Generator:
         self.share_prefill = bool(share_prefill)
         self.decode, self.continuous_batching = decode, bool(continuous_batching)
         self._fused = None  # FusedLlama of self.model, built on first use
-        # transformers >= 5.24 names the KV-cache argument `cache` (`past_key_values` is deprecated there)
-        try:
-            # a LoRA policy (PEFT) forwards **kwargs to the model it wraps: ask that model
-            params = inspect.signature(getattr(model, "get_base_model", lambda: model)().forward).parameters
-        except (TypeError, ValueError):
-            params = {}
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = cache_keyword(model)
 
     @torch.inference_mode()
     def generate(

@@ -85,7 +85,9 @@ def sequence_logps(model, prompts: list[list[int]], completions: list[list[int]]
     """Summed log-prob of each completion given its prompt, and the completion lengths; both ``[B]``."""
     device = next(model.parameters()).device
     ids, mask = right_pad(completions, pad_id, device)
-    lp, _ = completion_logprobs(model, prompts, ids, mask, pad_id)
+    # the plain forward (no shared prompt pass): the policy's and the cached reference's log-probs then come from
+    # the same computation, so the margin before training is exactly 0
+    lp, _ = completion_logprobs(model, prompts, ids, mask, pad_id, share_prefix=False)
     return lp.sum(-1), mask.sum(-1).to(lp.dtype)
 
 

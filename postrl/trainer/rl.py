@@ -45,7 +45,7 @@ from postrl.eval.report import sample_log_record, should_log_samples
 from postrl.eval.runner import flat_eval_metrics, heldout_eval
 from postrl.models.loading import load_from_config, load_policy
 from postrl.models.lora import lora_enabled, reference_view
-from postrl.models.logprobs import completion_logprobs, completion_logprobs_and_values
+from postrl.models.logprobs import completion_logprobs, completion_logprobs_and_values, distinct_prompts
 from postrl.models.value import ValueHead, ValueModel
 from postrl.rewards import RewardContext, RewardPipeline, check_reward_kwargs, resolve_reward
 from postrl.rollout.backend import TorchBackend, backend_from_config
@@ -59,7 +59,7 @@ from postrl.run.rng import step_seed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RLTrainer", "TrainingError", "length_sorted_order", "train"]
+__all__ = ["RLTrainer", "TrainingError", "grouped_length_order", "length_sorted_order", "train"]
 
 
 def length_sorted_order(lengths: torch.Tensor) -> torch.Tensor:
@@ -69,6 +69,21 @@ def length_sorted_order(lengths: torch.Tensor) -> torch.Tensor:
     if lengths.dim() != 1:
         raise ValueError(f"length_sorted_order expects a 1-D tensor of lengths, got shape {tuple(lengths.shape)}")
     return torch.argsort(lengths, stable=True)
+
+
+def grouped_length_order(groups: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Positions that keep the rows of a group (the same prompt) together, groups ordered by their longest row
+    and rows by length inside each group: a micro batch then holds few distinct prompts (each run once by the
+    shared-prefix forward) and pads little. ``groups, lengths [N]`` -> ``[N]``; as with
+    :func:`length_sorted_order`, only the floating-point summation order of the gradient changes."""
+    if groups.shape != lengths.shape or lengths.dim() != 1:
+        raise ValueError(f"grouped_length_order expects two 1-D tensors of one shape, got {tuple(groups.shape)} "
+                         f"and {tuple(lengths.shape)}")
+    group_max = torch.zeros(int(groups.max()) + 1 if len(groups) else 0, dtype=lengths.dtype)
+    group_max = group_max.scatter_reduce(0, groups, lengths, reduce="amax", include_self=False)
+    order = torch.argsort(lengths, stable=True)
+    order = order[torch.argsort(groups[order], stable=True)]
+    return order[torch.argsort(group_max[groups[order]], stable=True)]
 
 
 def episode_returns(batch: RolloutBatch) -> torch.Tensor:
@@ -99,6 +114,7 @@ class RLTrainer(Job):
                       "completions with postrl eval.")
     skip_zero_advantage = True  # exact compute saving, see update(); tests switch it off to compare
     sort_micro_batches = True  # length-sorted micro batches in update() (same gradient up to summation order)
+    share_prefix = True  # each distinct prompt of a micro batch runs once in the update's forwards (same values)
 
     def __init__(self, cfg: Config, checkpoint: Path | None = None):
         self.cfg = cfg
@@ -457,15 +473,20 @@ class RLTrainer(Job):
         temp, pad = cfg.rollout.temperature, self.tokenizer.pad_token_id
         loss_mask = batch.loss_mask
         seq_lens = torch.tensor([len(p) for p in prompts]) + mask.sum(-1).cpu()  # prompt + completion tokens
+        # shared-prefix forward in the update (not through a DDP/FSDP wrapper: two forwards per backward)
+        share = self.share_prefix and self.dist is None
+        prompt_index = distinct_prompts(prompts)[1] if share else None
         if a.overlong_filter:  # DAPO: truncated completions do not enter the loss
             loss_mask = overlong_filter_mask(loss_mask, batch.truncated.to(loss_mask.device))
 
-        def forward_all(model) -> torch.Tensor:  # log-probs of the batch, no gradient, in eval mode
+        # log-probs of the batch, no gradient, in eval mode; the plain forward (with the shared prefix here too, a
+        # resumed run's KL-regularised update differed from the straight run's by 1e-6: not explained yet)
+        def forward_all(model) -> torch.Tensor:
             was_training = model.training
             model.eval()
             with torch.no_grad():
                 parts = [completion_logprobs(model, prompts[i:i + micro], ids[i:i + micro], mask[i:i + micro], pad,
-                                             temp)[0] for i in range(0, B, micro)]
+                                             temp, share_prefix=False)[0] for i in range(0, B, micro)]
             model.train(was_training)
             width = ids.shape[1]
             return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
@@ -497,7 +518,7 @@ class RLTrainer(Job):
             with torch.no_grad():
                 values = torch.cat([torch.nn.functional.pad(
                     completion_logprobs_and_values(self.model, self.value_head, prompts[i:i + micro], ids[i:i + micro],
-                                                   mask[i:i + micro], pad, temp)[2],
+                                                   mask[i:i + micro], pad, temp, share_prefix=False)[2],
                     (0, ids.shape[1] - ids[i:i + micro].shape[1])) for i in range(0, B, micro)])
             self.model.train(was_training)
         if self.critic is not None:
@@ -554,7 +575,9 @@ class RLTrainer(Job):
                 else:
                     p.grad.zero_()
             finite = True
-            if self.sort_micro_batches:  # similar lengths share a micro batch: less padding, same gradient sum
+            if self.sort_micro_batches and share:  # copies of a prompt together, then by length
+                mb = mb[grouped_length_order(prompt_index[mb], seq_lens[mb])]
+            elif self.sort_micro_batches:  # similar lengths share a micro batch: less padding, same gradient sum
                 mb = mb[length_sorted_order(seq_lens[mb])]
             chunks = [mb[s:s + micro] for s in range(0, len(mb), micro)]
             if self.dist is not None:  # as many passes on every rank (None: a zero-weight pass on row 0)
@@ -573,11 +596,11 @@ class RLTrainer(Job):
                 if self.value_head is None:
                     lp, ent = completion_logprobs(self.train_model, [prompts[i] for i in idx], m_ids,
                                                   mask[idx, :width], pad, temp, with_entropy=with_entropy,
-                                                  entropy_grad=True)
+                                                  entropy_grad=True, share_prefix=share)
                 else:  # one forward: log-probs from the LM head, values from the value head
                     lp, ent, v = completion_logprobs_and_values(
                         self.train_model, self.value_head, [prompts[i] for i in idx], m_ids, mask[idx, :width], pad,
-                        temp, with_entropy=with_entropy, entropy_grad=True)
+                        temp, share_prefix=share, with_entropy=with_entropy, entropy_grad=True)
                 extra = {"entropy": ent.detach()} if needs_entropy else {}  # e.g. top_entropy's token selection
                 loss_tok, stats = self.policy_loss_fn(lp, old_lp[idx, :width], adv[idx, :width], m_mask, a, **extra)
                 if off_rows is not None:

@@ -1,0 +1,98 @@
+"""Time one RL update (``RLTrainer.update``) with and without the shared-prefix forward, on a recipe's model.
+
+    python benchmarks/bench_update.py                            # the quickstart (SmolLM2-135M), ~2 min
+    python benchmarks/bench_update.py --tiny                     # postrl.models.tiny on the copy task, seconds
+
+One rollout of the recipe's first step is generated, its rewards are replaced by alternating 0/1 (so every
+row has a non-zero advantage and goes through forward and backward), and the update is run ``--reps`` times
+per setting, interleaved (shared, plain, shared, plain, ...) from the same weights after one warm-up update
+(the first update also allocates the gradients and AdamW's state). Prints the median seconds per update for
+each setting, the tokens that go through the model, and the largest difference of the two gradients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default="quickstart")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tiny", action="store_true", help="postrl.models.tiny on a copy task instead of the recipe's model")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    from postrl.config import load_config
+    from postrl.run.rng import seed_everything
+    from postrl.trainer.rl import RLTrainer
+
+    out = tempfile.mkdtemp()
+    overrides = [f"run.output_dir={out}", "eval.before=false", "eval.after=false", "run.progress=false"]
+    if args.tiny:
+        import json
+        from pathlib import Path
+
+        from postrl.models.tiny import build_tiny_model
+
+        model = build_tiny_model(Path(out) / "tiny", hidden_size=128, num_layers=4)
+        data = Path(out) / "copy.jsonl"
+        data.write_text("".join(json.dumps({"prompt": f"please copy the digit {d} now", "answer": str(d)}) + "\n"
+                                for d in range(10)))
+        overrides += [f"model.name_or_path={model}", "data.source=jsonl", f"data.path={data}", "data.eval_size=2",
+                      "rollout.max_new_tokens=16"]
+    cfg = load_config(args.recipe, overrides)
+    seed_everything(cfg.run.seed)
+    trainer = RLTrainer(cfg)
+    batch = trainer.rollout(0)
+    batch.rewards = torch.tensor([float(i % 2) for i in range(len(batch))], dtype=torch.float64)
+    prompt_tokens = sum(len(p) for p in batch.prompt_ids)
+    distinct = {tuple(p) for p in batch.prompt_ids}
+    completion_tokens = int(batch.attention_mask.sum())
+    print(f"{args.recipe}{' (tiny)' if args.tiny else ''}: {len(batch)} rows from {len(distinct)} prompts, "
+          f"{prompt_tokens} prompt + {completion_tokens} completion tokens, micro batch "
+          f"{cfg.train.micro_batch_size}, mini batch {cfg.resolved_mini_batch_size}")
+    state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    grads: dict[bool, list[torch.Tensor]] = {}
+    step = trainer.optimizer.step
+
+    def update(share: bool, capture: bool = False) -> float:
+        trainer.share_prefix = share
+        trainer.model.load_state_dict(state)
+        if capture:  # the first mini batch's gradient, in place of its optimizer step
+            def grab(*a, **k):
+                grads.setdefault(share, [p.grad.clone() for p in trainer.params])
+                return step(*a, **k)
+
+            trainer.optimizer.step = grab
+        start = time.perf_counter()
+        trainer.update(batch, 0)
+        elapsed = time.perf_counter() - start
+        trainer.optimizer.step = step
+        return elapsed
+
+    update(True)  # warm-up: allocates gradients and AdamW's state
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for rep in range(args.reps):
+        for share in (True, False):
+            times[share].append(update(share, capture=rep == 0))
+    for share in (True, False):
+        label = "shared prefix" if share else "plain forward"
+        print(f"{label}: median {statistics.median(times[share]):.2f} s per update "
+              f"({', '.join(f'{t:.2f}' for t in times[share])})")
+    diff = max(float((a - b).abs().max()) for a, b in zip(grads[True], grads[False]))
+    scale = max(float(g.abs().max()) for g in grads[False])
+    print(f"largest gradient difference {diff:.2e} (largest gradient entry {scale:.2e}); speed-up "
+          f"{statistics.median(times[False]) / statistics.median(times[True]):.2f}x")
+    trainer.close()
+
+
+if __name__ == "__main__":
+    main()
