@@ -137,28 +137,26 @@ def main() -> None:
     print(f"FLOP-bound limit: {flops_token / 1e6:.1f} MFLOP per token -> {limit:.0f} generated tokens/s")
     prompts = [[lo + (i + j) % (hi - lo) for i in range(50)] for j in range(B)]
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0)
-    for decode in () if args.only_grpo else ("transformers", "fused"):
-        gen = Generator(model, tok.eos_token_id, tok.pad_token_id, decode=decode)
-        gen.generate(prompts[:2], SamplingParams(max_new_tokens=2), seed=0)  # warm-up
+    def timed(decode: str, eos, batch: list[list[int]], sampling) -> tuple[float, int, int]:
+        """Seconds, generated tokens and decode steps of one Generator call (after a 2-token warm-up)."""
+        gen = Generator(model, eos, tok.pad_token_id, decode=decode)
+        gen.generate(batch[:2], SamplingParams(max_new_tokens=2), seed=0)
         start = time.perf_counter()
-        out = gen.generate(prompts, params, seed=0)
-        dt = time.perf_counter() - start
-        n = int(out.completion_mask.sum())
+        out = gen.generate(batch, sampling, seed=0)
+        return time.perf_counter() - start, int(out.completion_mask.sum()), out.decode_steps
+
+    for decode in () if args.only_grpo else ("transformers", "fused"):
+        dt, n, steps = timed(decode, tok.eos_token_id, prompts, params)
         print(f"postrl Generator decode={decode}, {B} distinct 50-token prompts x {args.new_tokens} tokens: "
               f"{dt:.2f} s for {n} tokens = {n / dt:.0f} tokens/s = {100 * n / dt / limit:.1f}% of the limit "
-              f"({out.decode_steps} steps; prefill of {50 * B} prompt tokens included)")
+              f"({steps} steps; prefill of {50 * B} prompt tokens included)")
 
     # GRPO's shape: B // group distinct prompts x `group` copies (each distinct prompt prefilled once), every row
     # decoding to the budget (no EOS id can be sampled), so the decode batch stays at B for every step
     group, long_params = args.group, SamplingParams(max_new_tokens=args.grpo_tokens, temperature=1.0)
     grpo_prompts = [prompts[j // group] for j in range(B)]
     for decode in ("transformers", "fused"):
-        gen = Generator(model, [-1], tok.pad_token_id, decode=decode)
-        gen.generate(grpo_prompts[:2], SamplingParams(max_new_tokens=2), seed=0)  # warm-up
-        start = time.perf_counter()
-        out = gen.generate(grpo_prompts, long_params, seed=0)
-        dt = time.perf_counter() - start
-        n = int(out.completion_mask.sum())
+        dt, n, _ = timed(decode, [-1], grpo_prompts, long_params)
         print(f"postrl Generator decode={decode}, GRPO shape {B // group} prompts x {group} copies x "
               f"{args.grpo_tokens} tokens (batch {B} every step): {dt:.2f} s for {n} tokens = {n / dt:.0f} tokens/s "
               f"= {100 * n / dt / limit:.1f}% of the limit (prefill of {50 * B // group} prompt tokens included)")

@@ -23,10 +23,11 @@ import torch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", default="quickstart")
+    ap.add_argument("--recipe", default="quickstart", help="a shipped recipe's name or a YAML path")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tiny", action="store_true", help="postrl.models.tiny on a copy task instead of the recipe's model")
+    ap.add_argument("--tiny", action="store_true",
+                    help="postrl.models.tiny on a copy task instead of the recipe's model")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
@@ -48,7 +49,10 @@ def main() -> None:
                                 for d in range(10)))
         overrides += [f"model.name_or_path={model}", "data.source=jsonl", f"data.path={data}", "data.eval_size=2",
                       "rollout.max_new_tokens=16"]
-    cfg = load_config(args.recipe, overrides)
+    from postrl.api import RECIPES
+
+    recipe = args.recipe if args.recipe.endswith((".yaml", ".yml")) else str(RECIPES / f"{args.recipe}.yaml")
+    cfg = load_config(recipe, overrides)
     seed_everything(cfg.run.seed)
     trainer = RLTrainer(cfg)
     batch = trainer.rollout(0)

@@ -107,10 +107,13 @@ def step_samples(spec: dict[str, Any]):
 
 
 def run_postrl(spec: dict[str, Any], chan: Channel, baseline: bool = False) -> None:
+    from postrl.run.memory import keep_freed_memory
     from postrl.run.rng import seed_everything
     from postrl.trainer.rl import RLTrainer
 
     torch.set_num_threads(spec["threads"])
+    if not baseline:  # what postrl.run.run_job does for `postrl train` (the levers-off run keeps glibc's defaults)
+        keep_freed_memory()
     t0 = time.perf_counter()
     cfg = bench_config(spec)
     seed_everything(cfg.run.seed)  # what postrl.run.run_job does before building the trainer

@@ -63,3 +63,20 @@ def _restore_threads():
 def read_metrics(run_dir: Path) -> list[dict]:
     """The rows of a run's metrics.jsonl."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def update_grads(trainer, batch, **attributes) -> list[torch.Tensor]:
+    """The (clipped) gradients the optimizer receives in the first mini batch of ``trainer.update(batch, 0)``
+    after setting the trainer's ``attributes`` (e.g. ``sort_micro_batches=False``); the weights are restored."""
+    state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    captured: list[torch.Tensor] = []
+    step = trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: captured.extend(p.grad.clone() for p in trainer.params)
+    for name, value in attributes.items():
+        setattr(trainer, name, value)
+    try:
+        trainer.update(batch, 0)
+    finally:
+        trainer.optimizer.step = step
+        trainer.model.load_state_dict(state)
+    return captured

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import update_grads
 from postrl.models.loading import load_model_and_tokenizer
 from postrl.models.logprobs import (
     _NO_SHARING,
@@ -14,7 +15,7 @@ from postrl.models.logprobs import (
     distinct_prompts,
     prompt_groups,
 )
-from postrl.trainer.rl import RLTrainer, grouped_length_order
+from postrl.trainer.rl import RLTrainer, grouped_length_order, micro_batch_tokens
 
 # prompts of different lengths (left padding), each shared by 2-3 rows in a mixed order
 PROMPTS = [[5, 6, 7], [5, 6, 7], [8, 9], [5, 6, 7], [8, 9], [3, 4, 5, 6, 7], [3, 4, 5, 6, 7]]
@@ -131,18 +132,15 @@ def test_grouped_length_order_by_hand():
         grouped_length_order(torch.tensor([0, 1]), torch.tensor([1, 2, 3]))
 
 
-def _update_grads(trainer: RLTrainer, batch, share: bool) -> list[torch.Tensor]:
-    state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    captured: list[torch.Tensor] = []
-    step = trainer.optimizer.step
-    trainer.optimizer.step = lambda *a, **k: captured.extend(p.grad.clone() for p in trainer.params)
-    trainer.share_prefix = share
-    try:
-        trainer.update(batch, 0)
-    finally:
-        trainer.optimizer.step = step
-        trainer.model.load_state_dict(state)
-    return captured
+def test_micro_batch_tokens_by_hand():
+    """The update picks the row order (by group, or by length) whose micro batches compute fewer positions."""
+    groups, prompt_lens = torch.tensor([0, 0, 1, 1]), torch.tensor([10, 10, 4, 4])
+    completion_lens = torch.tensor([1, 9, 1, 9])
+    # by group, micro batches of 2: {0, 1}: one prompt of 10 + 2 rows x 9 = 28; {2, 3}: 4 + 2 x 9 = 22
+    assert micro_batch_tokens(torch.tensor([0, 1, 2, 3]), groups, prompt_lens, completion_lens, 2) == 50
+    # {0, 2}: two prompts padded to 10 + 2 x 1 = 22; {1, 3}: 2 x 10 + 2 x 9 = 38
+    assert micro_batch_tokens(torch.tensor([0, 2, 1, 3]), groups, prompt_lens, completion_lens, 2) == 60
+    assert micro_batch_tokens(torch.tensor([0, 2, 1, 3]), groups, prompt_lens, completion_lens, 4) == 2 * 10 + 4 * 9
 
 
 @pytest.mark.parametrize("extra", [[], ["algo.kl_coef=0.1"]])  # with KL: the reference model's forward shares too
@@ -153,8 +151,8 @@ def test_update_with_the_shared_prefix_gives_the_same_gradient(tiny_config, extr
     trainer.skip_zero_advantage = False
     batch = trainer.rollout(0)
     batch.rewards = torch.tensor([float(i % 3) for i in range(len(batch))], dtype=torch.float64)
-    shared = _update_grads(trainer, batch, share=True)
-    plain = _update_grads(trainer, batch, share=False)
+    shared = update_grads(trainer, batch, share_prefix=True)
+    plain = update_grads(trainer, batch, share_prefix=False)
     assert shared and len(shared) == len(plain)
     _assert_close_grads(plain, shared)
     trainer.close()

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from conftest import update_grads
 from postrl.models.loading import load_model_and_tokenizer
 from postrl.models.logprobs import completion_logprobs, token_logprobs
 from postrl.rollout.generator import Generator, PreallocatedLayer, SamplingParams, sample_inverse_cdf, unique_rows
@@ -170,21 +171,6 @@ def test_length_sorted_order_is_stable_ascending():
         length_sorted_order(torch.zeros(2, 2))
 
 
-def _update_grads(trainer: RLTrainer, batch, sort: bool) -> list[torch.Tensor]:
-    """The (clipped) gradient the optimizer receives in one update, from the same starting weights."""
-    state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    captured: list[torch.Tensor] = []
-    step = trainer.optimizer.step
-    trainer.optimizer.step = lambda *a, **k: captured.extend(p.grad.clone() for p in trainer.params)
-    trainer.sort_micro_batches = sort
-    try:
-        trainer.update(batch, 0)
-    finally:
-        trainer.optimizer.step = step
-        trainer.model.load_state_dict(state)
-    return captured
-
-
 def test_length_sorted_micro_batches_give_the_same_gradient(tiny_config):
     cfg = tiny_config("rollout.max_new_tokens=8", "train.micro_batch_size=2", "rollout.temperature=1.5")
     trainer = RLTrainer(cfg)
@@ -194,8 +180,8 @@ def test_length_sorted_micro_batches_give_the_same_gradient(tiny_config):
     assert len(set(lengths.tolist())) > 1  # varied lengths, so sorting really reorders the micro batches
     assert not torch.equal(length_sorted_order(lengths), torch.arange(len(lengths)))
     batch.rewards = torch.tensor([float(i % 3) for i in range(len(batch))], dtype=torch.float64)  # non-zero advantages
-    sorted_grads = _update_grads(trainer, batch, sort=True)
-    plain_grads = _update_grads(trainer, batch, sort=False)
+    sorted_grads = update_grads(trainer, batch, sort_micro_batches=True)
+    plain_grads = update_grads(trainer, batch, sort_micro_batches=False)
     assert sorted_grads and len(sorted_grads) == len(plain_grads)
     scale = max(float(g.abs().max()) for g in plain_grads)
     assert scale > 0

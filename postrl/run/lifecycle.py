@@ -52,6 +52,7 @@ from postrl.run.dirs import check_writable_dir, new_run_dir, resume_checkpoint
 from postrl.run.errors import TrainingError
 from postrl.run.files import append_jsonl, truncate_log, write_json_atomic
 from postrl.run.interrupt import InterruptFlag
+from postrl.run.memory import keep_freed_memory
 from postrl.run.optim import parameters_finite, stop_after_nonfinite_streak
 from postrl.run.progress import Progress
 from postrl.run.rng import rng_state, seed_everything, set_rng_state
@@ -383,6 +384,7 @@ def run_job(build: Callable[[Any, Optional[Path]], Job], cfg: Any, resume: str |
                            "run_dir" if run_dir is not None else "run.output_dir/run.name")
     if cfg.run.threads > 0:
         torch.set_num_threads(cfg.run.threads)
+    keep_freed_memory()  # freed tensors are reused instead of faulted in again each step (postrl.run.memory)
     dist = distributed.init_distributed(cfg)  # None in one process; under torchrun: join the ranks
     try:
         return _run_job(build, cfg, report_to, ckpt, run_dir, dist)

@@ -59,7 +59,7 @@ from postrl.run.rng import step_seed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RLTrainer", "TrainingError", "grouped_length_order", "length_sorted_order", "train"]
+__all__ = ["RLTrainer", "TrainingError", "grouped_length_order", "length_sorted_order", "micro_batch_tokens", "train"]
 
 
 def length_sorted_order(lengths: torch.Tensor) -> torch.Tensor:
@@ -84,6 +84,19 @@ def grouped_length_order(groups: torch.Tensor, lengths: torch.Tensor) -> torch.T
     order = torch.argsort(lengths, stable=True)
     order = order[torch.argsort(groups[order], stable=True)]
     return order[torch.argsort(group_max[groups[order]], stable=True)]
+
+
+def micro_batch_tokens(order: torch.Tensor, groups: torch.Tensor, prompt_lens: torch.Tensor,
+                       completion_lens: torch.Tensor, micro: int) -> int:
+    """Token positions the shared-prefix forward computes when ``order`` is cut into micro batches of ``micro``
+    rows: per micro batch, its distinct prompts padded to its longest prompt, plus every row's completion
+    padded to its longest completion (all ``[N]`` tensors indexed by row)."""
+    total = 0
+    for start in range(0, len(order), micro):
+        rows = order[start:start + micro]
+        distinct = len(torch.unique(groups[rows]))
+        total += distinct * int(prompt_lens[rows].max()) + len(rows) * int(completion_lens[rows].max())
+    return total
 
 
 def episode_returns(batch: RolloutBatch) -> torch.Tensor:
@@ -472,7 +485,8 @@ class RLTrainer(Job):
         B, micro = len(prompts), cfg.train.micro_batch_size
         temp, pad = cfg.rollout.temperature, self.tokenizer.pad_token_id
         loss_mask = batch.loss_mask
-        seq_lens = torch.tensor([len(p) for p in prompts]) + mask.sum(-1).cpu()  # prompt + completion tokens
+        prompt_lens, completion_lens = torch.tensor([len(p) for p in prompts]), mask.sum(-1).cpu()
+        seq_lens = prompt_lens + completion_lens  # prompt + completion tokens
         # shared-prefix forward in the update (not through a DDP/FSDP wrapper: two forwards per backward)
         share = self.share_prefix and self.dist is None
         prompt_index = distinct_prompts(prompts)[1] if share else None
@@ -575,8 +589,12 @@ class RLTrainer(Job):
                 else:
                     p.grad.zero_()
             finite = True
-            if self.sort_micro_batches and share:  # copies of a prompt together, then by length
-                mb = mb[grouped_length_order(prompt_index[mb], seq_lens[mb])]
+            if self.sort_micro_batches and share:  # copies of a prompt together, or by length: the fewer tokens
+                by_group = grouped_length_order(prompt_index[mb], seq_lens[mb])
+                by_length = length_sorted_order(seq_lens[mb])
+                sizes = [micro_batch_tokens(mb[o], prompt_index, prompt_lens, completion_lens, micro)
+                         for o in (by_group, by_length)]
+                mb = mb[by_group if sizes[0] <= sizes[1] else by_length]
             elif self.sort_micro_batches:  # similar lengths share a micro batch: less padding, same gradient sum
                 mb = mb[length_sorted_order(seq_lens[mb])]
             chunks = [mb[s:s + micro] for s in range(0, len(mb), micro)]
