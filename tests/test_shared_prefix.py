@@ -10,6 +10,7 @@ from conftest import update_grads
 from postrl.models.loading import load_model_and_tokenizer
 from postrl.models.logprobs import (
     _NO_SHARING,
+    _copy_rows,
     completion_logprobs,
     completion_logprobs_and_values,
     distinct_prompts,
@@ -130,6 +131,15 @@ def test_grouped_length_order_by_hand():
     assert grouped_length_order(groups, lengths).tolist() == [2, 3, 0, 4, 1]
     with pytest.raises(ValueError, match="two 1-D tensors of one shape"):
         grouped_length_order(torch.tensor([0, 1]), torch.tensor([1, 2, 3]))
+
+
+def test_copy_rows_by_hand_and_its_gradient_sums_the_copies():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    copies = torch.nn.functional.one_hot(torch.tensor([1, 0, 1]), 2).float()
+    out = _copy_rows(x, copies)
+    assert out.tolist() == [[3.0, 4.0], [1.0, 2.0], [3.0, 4.0]]
+    (out * torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])).sum().backward()
+    assert x.grad.tolist() == [[2.0, 2.0], [4.0, 4.0]]  # row 1 gets the gradients of copies 0 and 2: 1 + 3
 
 
 def test_micro_batch_tokens_by_hand():

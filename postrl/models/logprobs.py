@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from postrl.rollout.generator import cache_keyword, left_pad
+from postrl.run.batching import right_pad
 
 # models whose cache is not a plain DynamicCache of full-attention layers (sliding windows, linear
 # attention, offloading, no cache under gradient checkpointing): they keep the unshared forward
@@ -60,29 +61,43 @@ def _output_cache(out):
     return getattr(out, "past_key_values", None) if cache is None else cache
 
 
+def _copy_rows(x: Tensor, copies: Tensor) -> Tensor:
+    """Row ``b`` of the result is row ``u`` of ``x [U, ...]`` where ``copies [B, U]`` has its 1."""
+    return (copies.to(x.dtype) @ x.reshape(x.shape[0], -1)).view(copies.shape[0], *x.shape[1:])
+
+
 def _shared_prefix_states(run, model, prompts: list[list[int]], completion_ids: Tensor, completion_mask: Tensor,
                           pad_id: int, groups: tuple[list[list[int]], Tensor]) -> Tensor | None:
     """The states (logits or hidden states) at the positions that predict each completion token, ``[B, T, .]``,
     with every distinct prompt run once. ``run(keep, **model_kwargs) -> (states of the last keep positions,
-    cache)``; ``model``: the module whose forward ``run`` calls. None when the model's cache cannot be shared
+    all of them for 0, cache)``; ``model``: the module whose forward ``run`` calls. None when the model's cache cannot be shared
     (the caller falls back to the unshared forward).
     """
     unique, inverse = groups
     device = completion_ids.device
     inverse = inverse.to(device)
-    p_ids, p_mask = left_pad(unique, pad_id, device)
-    p_pos = (p_mask.cumsum(-1) - 1).clamp(min=0)
-    first, cache = run(1, input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True)
+    # The distinct prompts right-padded: every position then attends to at least its prompt's first token, so
+    # the padding positions' keys and values are ordinary finite numbers (the completions mask them out). With
+    # left padding a padding position attends to nothing, and its cached keys/values differed between
+    # processes (the log-probs by 2e-5 and a seeded run's trajectory with them).
+    p_ids, p_mask = right_pad(unique, pad_id, device)
+    lengths = p_mask.sum(-1)
+    p_pos = torch.arange(p_ids.shape[1], device=device).expand_as(p_ids)
+    states, cache = run(0, input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True)
     if cache is None or not _shareable_cache(cache):  # None: e.g. gradient checkpointing turns the cache off
         return None
-    first = first[inverse]  # [B, 1, .]: predicts completion token 0
+    first = states[torch.arange(len(unique), device=device), lengths - 1][:, None]  # each prompt's last token
+    # copies by a product with the 0/1 matrix [B, U] rather than an index: an index's backward accumulates the
+    # copies' gradients in an order that differed between processes (a seeded run was not reproducible)
+    copies = torch.nn.functional.one_hot(inverse, len(unique)).to(first.dtype)
+    first = _copy_rows(first, copies)  # [B, 1, .]: predicts completion token 0
     T = completion_ids.shape[1]
     if T == 1:
         return first
-    cache.batch_select_indices(inverse)  # differentiable: each copy's gradient flows back into its prompt
-    lengths = p_mask.sum(-1)[inverse]
+    for layer in cache.layers:  # each copy's gradient flows back into its prompt's keys / values
+        layer.keys, layer.values = _copy_rows(layer.keys, copies), _copy_rows(layer.values, copies)
     attn = torch.cat([p_mask[inverse], completion_mask.to(p_mask.dtype)], dim=1)
-    positions = lengths[:, None] + torch.arange(T, device=device)
+    positions = lengths[inverse][:, None] + torch.arange(T, device=device)
     rest, _ = run(T, input_ids=completion_ids, attention_mask=attn, position_ids=positions, use_cache=True,
                   **{cache_keyword(model): cache})
     return torch.cat([first, rest[:, :-1]], dim=1)

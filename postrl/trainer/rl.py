@@ -493,8 +493,8 @@ class RLTrainer(Job):
         if a.overlong_filter:  # DAPO: truncated completions do not enter the loss
             loss_mask = overlong_filter_mask(loss_mask, batch.truncated.to(loss_mask.device))
 
-        # log-probs of the batch, no gradient, in eval mode; the plain forward (with the shared prefix here too, a
-        # resumed run's KL-regularised update differed from the straight run's by 1e-6: not explained yet)
+        # log-probs of the batch, no gradient, in eval mode; the plain forward (the shared prompt pass is used for
+        # the update's forward with gradient only; see docs/algorithms.md)
         def forward_all(model) -> torch.Tensor:
             was_training = model.training
             model.eval()
