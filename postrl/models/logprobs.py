@@ -2,7 +2,7 @@
 
 Shared prompts (a GRPO group's ``n`` copies of one prompt in a micro batch) go through the model once: the
 distinct prompts are run with a KV cache, the cache rows are copied to every completion of their prompt
-(an index along the batch, so the gradient of each copy flows back into the one prompt pass), and the
+(a product with a 0/1 matrix, so the gradient of each copy flows back into the one prompt pass), and the
 completions run on top of it. Attention, positions and logits are those of the unshared forward, so
 log-probs and gradients equal it up to floating-point summation order (tests/test_shared_prefix.py);
 the prompt tokens' FLOPs are divided by the number of copies.
@@ -70,16 +70,15 @@ def _shared_prefix_states(run, model, prompts: list[list[int]], completion_ids: 
                           pad_id: int, groups: tuple[list[list[int]], Tensor]) -> Tensor | None:
     """The states (logits or hidden states) at the positions that predict each completion token, ``[B, T, .]``,
     with every distinct prompt run once. ``run(keep, **model_kwargs) -> (states of the last keep positions,
-    all of them for 0, cache)``; ``model``: the module whose forward ``run`` calls. None when the model's cache cannot be shared
-    (the caller falls back to the unshared forward).
+    all of them for 0, cache)``; ``model``: the module whose forward ``run`` calls. None when the model's cache
+    cannot be shared (the caller falls back to the unshared forward).
     """
     unique, inverse = groups
     device = completion_ids.device
     inverse = inverse.to(device)
-    # The distinct prompts right-padded: every position then attends to at least its prompt's first token, so
-    # the padding positions' keys and values are ordinary finite numbers (the completions mask them out). With
-    # left padding a padding position attends to nothing, and its cached keys/values differed between
-    # processes (the log-probs by 2e-5 and a seeded run's trajectory with them).
+    # The distinct prompts right-padded: every position attends to at least its prompt's first token, so the
+    # padding positions' cached keys and values are ordinary numbers (the completions mask them out); a
+    # left-padded padding position would have every key masked. The last real token's states are gathered.
     p_ids, p_mask = right_pad(unique, pad_id, device)
     lengths = p_mask.sum(-1)
     p_pos = torch.arange(p_ids.shape[1], device=device).expand_as(p_ids)
