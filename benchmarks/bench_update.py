@@ -31,7 +31,9 @@ def main() -> None:
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
+    from postrl.api import RECIPES
     from postrl.config import load_config
+    from postrl.models.logprobs import distinct_prompts
     from postrl.run.rng import seed_everything
     from postrl.trainer.rl import RLTrainer
 
@@ -49,8 +51,6 @@ def main() -> None:
                                 for d in range(10)))
         overrides += [f"model.name_or_path={model}", "data.source=jsonl", f"data.path={data}", "data.eval_size=2",
                       "rollout.max_new_tokens=16"]
-    from postrl.api import RECIPES
-
     recipe = args.recipe if args.recipe.endswith((".yaml", ".yml")) else str(RECIPES / f"{args.recipe}.yaml")
     cfg = load_config(recipe, overrides)
     seed_everything(cfg.run.seed)
@@ -58,7 +58,7 @@ def main() -> None:
     batch = trainer.rollout(0)
     batch.rewards = torch.tensor([float(i % 2) for i in range(len(batch))], dtype=torch.float64)
     prompt_tokens = sum(len(p) for p in batch.prompt_ids)
-    distinct = {tuple(p) for p in batch.prompt_ids}
+    distinct = distinct_prompts(batch.prompt_ids)[0]
     completion_tokens = int(batch.attention_mask.sum())
     print(f"{args.recipe}{' (tiny)' if args.tiny else ''}: {len(batch)} rows from {len(distinct)} prompts, "
           f"{prompt_tokens} prompt + {completion_tokens} completion tokens, micro batch "
@@ -70,7 +70,7 @@ def main() -> None:
     def update(share: bool, capture: bool = False) -> float:
         trainer.share_prefix = share
         trainer.model.load_state_dict(state)
-        if capture:  # the first mini batch's gradient, in place of its optimizer step
+        if capture:  # keep the first mini batch's gradient, then take the optimizer step as usual
             def grab(*a, **k):
                 grads.setdefault(share, [p.grad.clone() for p in trainer.params])
                 return step(*a, **k)
