@@ -355,6 +355,33 @@ def test_absent_metrics_are_skipped_with_a_note(run_dir, tmp_path):
     assert "No before/after evaluation" in text
 
 
+def test_zero_variance_and_sampler_panels(run_dir, tmp_path):
+    """Every run plots its zero-variance accounting; a run with a prompt sampler also plots what the sampler
+    skipped and its per-task shares (issue 16), a run without one has no sampler panel and no note about it."""
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert all("zero_var/group_frac" in r and "zero_var/sampled_group_frac" in r for r in rows)
+    zero = next(s for s in P.PLOTS if s.name == "zero_variance")
+    assert {x.label for x in P.spec_series(zero, rows)} >= {"of trained groups", "of sampled groups"}
+    plain = build_report(copy_run(run_dir, tmp_path / "plain")).read_text()
+    sampler_titles = [s.title for s in P.SAMPLER_PLOTS]
+    assert not any(t in plain for t in sampler_titles)
+    rd = copy_run(run_dir, tmp_path / "r")
+    for i, r in enumerate(rows):  # what a DUMP run over two tasks logs (docs/curricula.md)
+        r.update({"sampler/skipped": float(i), "sampler/prob/add1": 0.5 - 0.1 * i, "sampler/prob/add2": 0.5 + 0.1 * i,
+                  "zero_var/task/add1": 1.0, "zero_var/task/add2": 0.25})
+    (rd / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = build_report(rd).read_text()
+    alts = [img["alt"] for img in check_html(text).imgs]
+    assert "Sampler: prompts skipped and rollouts spent" in alts and "Sampler: share of prompts per task" in alts
+    assert "Sampler: curriculum level per task" not in alts and "curriculum level" not in text  # no rg_curriculum
+    tasks = next(s for s in P.SAMPLER_PLOTS if s.name == "sampler_tasks")
+    series = {x.label: x.ys for x in P.spec_series(tasks, rows)}
+    assert series["sampler/prob/add2"] == pytest.approx([0.5, 0.6, 0.7, 0.8])
+    assert {x.label for x in P.spec_series(zero, rows)} >= {"zero_var/task/add1", "zero_var/task/add2"}
+    for name in ("sampler", "sampler_tasks", "zero_variance"):
+        assert (rd / "plots" / f"{name}.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
 def test_cli_report_with_pass_at_k(run_dir, tmp_path, capsys):
     rd = copy_run(run_dir, tmp_path / "r")
     ev = {"models": [{"name": "base", "pass_at_k": {str(k): {"value": v, "ci": [v - 0.05, v + 0.05]}

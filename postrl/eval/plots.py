@@ -59,6 +59,11 @@ PLOTS: tuple[PlotSpec, ...] = (
              labels={"tokens_per_s": "per step (rollout + update)", "gen_tokens_per_s": "generation only"}),
     PlotSpec("step_time", "Step time", "seconds", keys=("step_time_s", "gen_time_s"),
              labels={"step_time_s": "step (rollout + update)", "gen_time_s": "rollout"}),
+    PlotSpec("zero_variance", "Zero-variance groups (all rewards equal: no signal)", "fraction",
+             keys=("zero_var/group_frac", "zero_var/sampled_group_frac", "zero_var/rollouts_frac"),
+             prefixes=("zero_var/task/",),
+             labels={"zero_var/group_frac": "of trained groups", "zero_var/sampled_group_frac": "of sampled groups",
+                     "zero_var/rollouts_frac": "of generated rollouts"}),
 )
 
 EPISODE_PLOTS: tuple[PlotSpec, ...] = (
@@ -72,6 +77,18 @@ EPISODE_PLOTS: tuple[PlotSpec, ...] = (
                      "episodes/invalid_actions_mean": "invalid actions"}),
 )
 """Panels drawn only for runs with an environment (``episodes/*`` metrics); absent otherwise, without a note."""
+
+SAMPLER_PLOTS: tuple[PlotSpec, ...] = (
+    PlotSpec("sampler", "Sampler: prompts skipped and rollouts spent", "per step",
+             keys=("sampler/skipped", "sampler/screened", "sampler/screen_rollouts", "sampler/forced",
+                   "zero_var/rollouts"),
+             labels={"sampler/skipped": "prompts skipped", "sampler/screened": "prompts screened",
+                     "sampler/screen_rollouts": "screening rollouts", "sampler/forced": "prompts forced",
+                     "zero_var/rollouts": "rollouts on zero-variance groups"}),
+    PlotSpec("sampler_tasks", "Sampler: share of prompts per task", "probability", prefixes=("sampler/prob/",)),
+    PlotSpec("sampler_levels", "Sampler: curriculum level per task", "level", prefixes=("sampler/level/",)),
+)
+"""Panels drawn only for runs with a prompt sampler other than ``uniform`` (``sampler/*`` metrics)."""
 
 HELD_OUT_NAME = "held_out_eval"
 PASS_AT_K_NAME = "pass_at_k"

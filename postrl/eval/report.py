@@ -699,9 +699,9 @@ def render_plots(data: RunData) -> tuple[list[Plot], list[str]]:
             notes.append(f"{spec.title}: not plotted, this run logged no finite values for {keys}.")
             continue
         out.append(Plot(spec.name, spec.title, P.line_plot(spec.title, spec.ylabel, series, logy=spec.logy)))
-    for spec in P.EPISODE_PLOTS:  # runs with an environment only
+    for spec in P.EPISODE_PLOTS + P.SAMPLER_PLOTS:  # runs with an environment / a sampler only
         series = P.spec_series(spec, data.metrics)
-        if series:
+        if series and (spec not in P.SAMPLER_PLOTS or any(k.startswith("sampler/") for k in P.spec_keys(spec, data.metrics))):
             out.append(Plot(spec.name, spec.title, P.line_plot(spec.title, spec.ylabel, series, logy=spec.logy)))
     held = _held_out_series(data)
     if held:
