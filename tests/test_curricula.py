@@ -312,6 +312,59 @@ def test_luffy_mixes_teacher_traces_into_each_group():
     assert [bool(s.metadata.get("teacher")) for s in out.samples] == [False, False, False, True] * 2
 
 
+def test_pick_teacher_traces_by_hand():
+    from postrl.data.guidance import pick_teacher_traces
+
+    # two prompts, 4 candidates each: right ones first (sampled order), then wrong ones when too few are right
+    correct = [False, True, False, True, False, False, True, False]
+    assert pick_teacher_traces(correct, 4, 2) == [1, 3, 6, 4]
+    assert pick_teacher_traces(correct, 4, 1) == [1, 6]
+    assert pick_teacher_traces([False, False], 2, 2) == [0, 1]
+    with pytest.raises(ValueError, match="groups of 4"):
+        pick_teacher_traces(correct[:6], 4, 1)
+    with pytest.raises(ValueError):
+        pick_teacher_traces(correct, 2, 3)
+
+
+def test_luffy_with_a_teacher_model_keeps_its_right_candidates():
+    from postrl.models.tiny import build_char_tokenizer
+
+    tok = build_char_tokenizer()
+    train = [Sample("copy 1", "1", {}, uid="a"), Sample("copy 2", "2", {}, uid="b")]  # no "solution" field
+    lf = TeacherTraces(source(train), group_size=4, traces=1, teacher="some/teacher", teacher_samples=3)
+    assert lf.teacher_samples == 3
+    lf.check(train)  # traces from a model: the data needs no reference field
+    with pytest.raises(DataError, match="'solution'"):
+        TeacherTraces(source(train), group_size=4, traces=1).check(train)
+    fake = FakeSampler({"a": [0], "b": [0]})
+    teacher = FakeSampler({"a": [0, 0, 1], "b": [0, 0, 0]})  # candidate 2 of "a" is right, none of "b"
+    calls = []
+
+    def teacher_fn(samples, seed, m):
+        calls.append(([s.uid for s in samples], m))
+        return teacher(samples, seed, n=m)
+
+    out = luffy_rollout(train, lf, fake, tok, lambda s: [5], 8, n=4, seed=0, pad_id=tok.pad_token_id,
+                        teacher_fn=teacher_fn)
+    assert calls == [(["a#teacher", "b#teacher"], 3)]
+    assert out.policy_version.tolist() == [3, 3, 3, -1] * 2
+    # the right candidate of "a" (row 2 of its three: token 102) and the first candidate of "b" (token 103)
+    assert out.completion_ids[[3, 7], 0].tolist() == [102, 103]
+    assert out.rewards[[3, 7]].tolist() == [1.0, 0.0]
+    assert out.behaviour_logprobs[[3, 7]].abs().sum() == 0  # the teacher's probability taken as 1
+    m = lf.metrics()
+    assert m["guidance/teacher_candidates_correct_frac"] == pytest.approx(1 / 6)
+    assert m["guidance/teacher_correct_frac"] == pytest.approx(0.5)
+
+
+def test_luffy_teacher_settings_are_checked():
+    train = [Sample("copy 1", "1", {}, uid="a")]
+    for kwargs, key in (({"teacher": ""}, "teacher"), ({"teacher": "t", "teacher_temperature": -1}, "teacher_temperature"),
+                        ({"teacher": "t", "traces": 2, "teacher_samples": 1}, "teacher_samples")):
+        with pytest.raises(DataError, match=f"data.guidance.kwargs.{key}="):
+            TeacherTraces(source(train), group_size=4, **kwargs)
+
+
 def test_luffy_shaped_loss_value_and_gradient_by_hand():
     lp = torch.tensor([[math.log(0.1)]], requires_grad=True)
     loss = luffy_shaped_loss(lp, torch.tensor([[2.0]]), gamma=0.1)

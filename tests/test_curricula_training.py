@@ -78,12 +78,15 @@ CASES = {
                     "data.guidance.kwargs.start=1.0", "data.guidance.kwargs.decay_steps=6"),
     "guide": ("data.guidance.name=guide", "data.guidance.kwargs.field=answer", "data.guidance.kwargs.share=1.0"),
     "luffy": ("data.guidance.name=luffy", "data.guidance.kwargs.field=answer"),
+    # traces sampled from a teacher model (here the starting model itself), 2 candidates per prompt
+    "luffy_teacher": ("data.guidance.name=luffy", "data.guidance.kwargs.teacher={tiny}",
+                      "data.guidance.kwargs.teacher_samples=2"),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_sampler_and_guidance_method_resumes_exactly(case, tiny_model_dir, tmp_path):
-    opts = CASES[case]
+    opts = tuple(o.format(tiny=tiny_model_dir) for o in CASES[case])
     straight, _ = train(toy(tmp_path, tiny_model_dir, *opts, "train.steps=6", "train.save_every=0",
                             "run.name=straight"))
     split, _ = train(toy(tmp_path, tiny_model_dir, *opts, "train.steps=3", "run.name=split"))

@@ -59,6 +59,37 @@ def test_distillation_teacher_with_another_tokenizer_is_refused(tiny_config, tmp
                           "algo.kl_in_reward=true", "algo.kl_estimator=k1", *FAST))
 
 
+def test_luffy_traces_from_a_teacher_model(tiny_config, tmp_path):
+    """LUFFY with data.guidance.kwargs.teacher: the copy task has no reference field, the traces are the teacher
+    model's own (greedy) completions, trained as off-policy rows."""
+    from postrl.rollout.generator import SamplingParams
+
+    teacher = build_tiny_model(tmp_path / "teacher", seed=5)  # same character tokenizer, other weights
+    seed_everything(0)
+    trainer = RLTrainer(tiny_config("data.guidance.name=luffy", f"data.guidance.kwargs.teacher={teacher}",
+                                    "data.guidance.kwargs.teacher_temperature=0", *FAST))
+    try:
+        batch = trainer.rollout(0)
+        off = (batch.policy_version < 0).nonzero().flatten().tolist()
+        assert len(off) == 4 and off == [3, 7, 11, 15]  # one trace per group of 4, last in the group
+        assert all(batch.samples[i].metadata["teacher"] for i in off)
+        greedy = trainer.teacher_backend.generate([batch.prompt_ids[i] for i in off], SamplingParams(2, 0.0))
+        want = [ids[m.bool()].tolist() for ids, m in zip(greedy.completion_ids, greedy.completion_mask)]
+        got = [batch.completion_ids[i][batch.attention_mask[i].bool()].tolist() for i in off]
+        assert got == want and batch.behaviour_logprobs[off].abs().sum() == 0
+        want = load_file(str(teacher / "model.safetensors"))  # the backend samples from the teacher's weights
+        got = trainer.teacher_backend.generator.model.state_dict()
+        assert all(torch.equal(got[k], v) for k, v in want.items())
+        assert not all(torch.equal(trainer.model.state_dict()[k], v) for k, v in want.items())
+        out = trainer.update(batch, 0)
+        assert out["updates"] >= 1
+    finally:
+        trainer.close()
+    with pytest.raises(ConfigError, match="another tokenizer"):
+        other = build_tiny_model(tmp_path / "other", seed=1, chars="abc")
+        train(tiny_config("data.guidance.name=luffy", f"data.guidance.kwargs.teacher={other}", *FAST))
+
+
 def test_prorl_reference_resets_and_resume(tiny_config):
     opts = ("algo.kl_coef=0.1", "algo.ref_reset_every=2", "train.lr=1e-3", *FAST)
     straight, _ = train(tiny_config(*opts, "train.steps=5", "run.name=straight"))

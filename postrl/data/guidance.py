@@ -7,7 +7,7 @@ reference solution (a field of the data, or ``field: answer`` for the ground-tru
 | --- | --- | --- | --- |
 | ``prefix_hint`` | QuestA, Li et al. 2025 (arXiv 2507.13266) | the first ``share`` of the reference solution is appended to the question (``template``); the share decays linearly from ``start`` to ``end`` over ``decay_steps`` | the hinted prompts, as ordinary rollouts |
 | ``guide`` | Guide-GRPO, Nath et al. 2025 (arXiv 2506.13923) | a group whose completions are all wrong gets ``guided`` of its completions regenerated with a hint (the first ``share`` of the reference) in the prompt | the guided completions as if sampled from the prompt without the hint: the update's ratio is π_θ(o \\| q) / π_old(o \\| q, hint) |
-| ``luffy`` | LUFFY, Yan et al. 2025 (arXiv 2504.14945) | ``traces`` of each group's ``rollout.n`` completions are the reference solution (an off-policy teacher trace), the rest are sampled | one group advantage over on- and off-policy completions together (mixed-policy GRPO, eq. 4); on teacher tokens the clipped ratio is replaced by the shaped probability f(π_θ) = π_θ / (π_θ + γ) (eq. 6, the teacher's probability taken as 1, no clipping) |
+| ``luffy`` | LUFFY, Yan et al. 2025 (arXiv 2504.14945) | ``traces`` of each group's ``rollout.n`` completions are the reference solution (an off-policy teacher trace) or, with ``teacher``, completions sampled from a teacher model (right ones first); the rest are sampled | one group advantage over on- and off-policy completions together (mixed-policy GRPO, eq. 4); on teacher tokens the clipped ratio is replaced by the shaped probability f(π_θ) = π_θ / (π_θ + γ) (eq. 6, the teacher's probability taken as 1, no clipping) |
 
 The held-out evaluation never sees a hint. A training set where some sample has no reference (an empty or
 missing ``field``) is refused when the trainer starts (:meth:`Guidance.check`), naming the field.
@@ -94,6 +94,19 @@ def teacher_sample(sample: Sample) -> Sample:
     """A copy of ``sample`` marking the rows of its teacher traces (``metadata["teacher"]``)."""
     meta = {**sample.metadata, "teacher": True, "orig_uid": sample.metadata.get("orig_uid", sample.uid)}
     return dataclasses.replace(sample, metadata=meta, uid=f"{sample.uid}#teacher")
+
+
+def pick_teacher_traces(correct: Sequence[bool], candidates: int, traces: int) -> list[int]:
+    """Which teacher candidates become traces: ``correct`` holds ``candidates`` entries per prompt, group-major;
+    for each prompt the ``traces`` kept are its right candidates in sampled order, then (when fewer are right)
+    its wrong ones in sampled order. Returns row indices into ``correct``, group-major."""
+    if candidates < traces or len(correct) % candidates:
+        raise ValueError(f"pick_teacher_traces: {len(correct)} candidates in groups of {candidates}, {traces} kept")
+    rows = []
+    for g in range(0, len(correct), candidates):
+        group = range(g, g + candidates)
+        rows += ([i for i in group if correct[i]] + [i for i in group if not correct[i]])[:traces]
+    return rows
 
 
 def luffy_shaped_loss(logprobs, advantages, gamma: float):
@@ -232,21 +245,38 @@ class TeacherTraces(Guidance):
     ``traces`` of every group's ``rollout.n`` completions are the reference solution (tokenized once, with
     the end-of-sequence token), the others are sampled. The group advantage is taken over all ``rollout.n``
     rewards (mixed-policy GRPO). On teacher tokens the policy loss is :func:`luffy_shaped_loss` with
-    ``gamma`` (the paper's γ = 0.1) instead of the clipped ratio."""
+    ``gamma`` (the paper's γ = 0.1) instead of the clipped ratio.
+
+    With ``teacher`` (a model id or path with the policy's tokenizer) the traces are sampled from that model
+    instead of read from the data: ``teacher_samples`` candidates per prompt at ``teacher_temperature``, of
+    which the ``traces`` kept are the right ones first (:func:`pick_teacher_traces`; the paper's traces are
+    verified solutions of a stronger model). The data then needs no reference field."""
 
     off_policy_shaping = True
 
     def __init__(self, source: Any, seed: int = 0, group_size: int = 2, total_steps: int = 1,
-                 field: str = "solution", traces: int = 1, gamma: float = 0.1):
+                 field: str = "solution", traces: int = 1, gamma: float = 0.1, teacher: str | None = None,
+                 teacher_temperature: float = 1.0, teacher_samples: int = 0):
         super().__init__(source, seed, group_size, total_steps)
         _check(isinstance(field, str) and bool(field), "field", field, "must name a data field (or 'answer')")
         _check(isinstance(traces, int) and 1 <= traces < group_size, "traces", traces,
                f"must be an int in [1, rollout.n - 1 = {group_size - 1}] (at least one completion is sampled)")
         _check(gamma > 0, "gamma", gamma, "must be > 0")
-        self.field, self.traces, self.gamma = field, int(traces), float(gamma)
+        _check(teacher is None or (isinstance(teacher, str) and bool(teacher.strip())), "teacher", teacher,
+               "must be a model id or path (a model with the policy's tokenizer), or null for the data's traces")
+        _check(isinstance(teacher_temperature, (int, float)) and teacher_temperature >= 0, "teacher_temperature",
+               teacher_temperature, "must be >= 0 (0 = greedy)")
+        _check(isinstance(teacher_samples, int) and (teacher_samples == 0 or teacher_samples >= traces),
+               "teacher_samples", teacher_samples, f"must be 0 (= traces) or an int >= traces = {traces}")
+        self.traces, self.gamma = int(traces), float(gamma)
+        self.teacher, self.teacher_temperature = teacher, float(teacher_temperature)
+        self.teacher_samples = int(teacher_samples or traces)
+        # traces sampled from a teacher model need no reference in the data (check() skips an empty field)
+        self.reference_field = field
+        self.field = "" if teacher else field
 
     def text(self, sample: Any) -> str:
-        return reference_text(sample, self.field)
+        return reference_text(sample, self.reference_field)
 
     def shape(self, loss_tok, logprobs, advantages, off_rows):
         """``loss_tok [B, T]`` with the rows where ``off_rows [B]`` is True replaced by the shaped loss."""

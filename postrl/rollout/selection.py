@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from postrl.data.guidance import teacher_sample
+from postrl.data.guidance import pick_teacher_traces, teacher_sample
 from postrl.data.samplers import RolloutLedger, zero_variance
 from postrl.rollout.batch import RolloutBatch
 from postrl.rollout.generator import Generation
@@ -159,15 +159,26 @@ def teacher_generation(samples: list[Any], texts: list[str], tokenizer: Any, ren
 
 def luffy_rollout(samples: list[Any], guidance: Any, sample_fn: SampleFn, tokenizer: Any,
                   render: Callable[[Any], list[int]], max_new_tokens: int, n: int, seed: int,
-                  pad_id: int) -> RolloutBatch:
+                  pad_id: int, teacher_fn: Callable[[list[Any], int, int], RolloutBatch] | None = None) -> RolloutBatch:
     """LUFFY's mixed groups (arXiv 2504.14945): ``n - traces`` sampled completions and ``traces`` teacher
     traces per prompt, group-major; the teacher rows have ``policy_version`` -1 (not sampled by any policy)
-    and samples marked ``metadata["teacher"]``."""
+    and samples marked ``metadata["teacher"]``. The traces are the data's reference solutions, or with
+    ``teacher_fn(samples, seed, m)`` (a scored batch of ``m = guidance.teacher_samples`` teacher completions
+    per sample) the ``traces`` of them picked by :func:`~postrl.data.guidance.pick_teacher_traces`."""
     k = guidance.traces
     on = sample_fn(samples, seed, n=n - k)
-    teachers = [teacher_sample(s) for s in samples for _ in range(k)]
-    gen = teacher_generation(teachers, [guidance.text(s) for s in teachers], tokenizer, render, max_new_tokens)
-    off = sample_fn([teacher_sample(s) for s in samples], seed, n=k, gen=gen)
+    marked = [teacher_sample(s) for s in samples]
+    if teacher_fn is None:
+        teachers = [s for s in marked for _ in range(k)]
+        gen = teacher_generation(teachers, [guidance.text(s) for s in teachers], tokenizer, render, max_new_tokens)
+        off = sample_fn(marked, seed, n=k, gen=gen)
+    else:
+        m = guidance.teacher_samples
+        candidates = teacher_fn(marked, (seed + 3_141_592_653) % 2**62, m)
+        guidance.count("guidance/teacher_candidates_correct_frac",
+                       sum(candidates.correct) / max(len(candidates), 1))
+        off = candidates.select(pick_teacher_traces(candidates.correct, m, k))
+        off.behaviour_logprobs = torch.zeros_like(off.behaviour_logprobs)  # the teacher's probability taken as 1
     off.policy_version = torch.full_like(off.policy_version, -1)
     guidance.count("guidance/teacher_correct_frac", sum(off.correct) / max(len(off), 1))
     return merge_groups(on, off, pad_id)

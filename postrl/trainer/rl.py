@@ -48,7 +48,7 @@ from postrl.models.lora import lora_enabled, reference_view
 from postrl.models.logprobs import completion_logprobs, completion_logprobs_and_values, distinct_prompts
 from postrl.models.value import ValueHead, ValueModel
 from postrl.rewards import RewardContext, RewardPipeline, check_reward_kwargs, resolve_reward
-from postrl.rollout.backend import TorchBackend, backend_from_config
+from postrl.rollout.backend import TorchBackend, backend_from_config, build_backend
 from postrl.rollout.batch import RolloutBatch
 from postrl.rollout.generator import Generation, SamplingParams
 from postrl.rollout.selection import guide_failed_groups, luffy_rollout, speed_rollout
@@ -166,6 +166,14 @@ class RLTrainer(Job):
                               "(rollout.backend=openai_server): the torch backend samples from the model that the "
                               "update changes; use max_staleness=0 or a server")
         self.backend = backend_from_config(cfg, self.model, self.tokenizer)
+        self.teacher_backend = None  # LUFFY with a teacher model: its traces are sampled here (docs/curricula.md)
+        if getattr(self.guidance, "teacher", None):
+            teacher, teacher_tok, _ = load_from_config(cfg.model, self.guidance.teacher)
+            if teacher_tok.get_vocab() != self.tokenizer.get_vocab():
+                raise ConfigError(f"data.guidance.kwargs.teacher={self.guidance.teacher!r} has another tokenizer than "
+                                  f"model.name_or_path={cfg.model.name_or_path!r}; LUFFY trains the policy on the "
+                                  "teacher's tokens and needs the same vocabulary")
+            self.teacher_backend = build_backend("torch", teacher.eval().requires_grad_(False), self.tokenizer)
         # served generation (docs/generation-backends.md): the sampler holds a copy of the weights of policy
         # version sampler_version (None: the sampler is the trainer's own model, always current)
         self.served = not isinstance(self.backend, TorchBackend)
@@ -384,6 +392,15 @@ class RLTrainer(Job):
         batch.validate()
         return batch
 
+    def _teacher_groups(self, samples: list, seed: int, m: int, step: int) -> RolloutBatch:
+        """``m`` completions per sample from LUFFY's teacher model (``data.guidance.kwargs.teacher``), scored like
+        the policy's; not counted as the policy's generated tokens."""
+        r, g = self.cfg.rollout, self.guidance
+        gen = self.teacher_backend.generate([self.render(s) for s in samples for _ in range(m)],
+                                            SamplingParams(r.max_new_tokens, g.teacher_temperature),
+                                            seed=seed, batch_size=r.batch_size)
+        return self._sample_groups(samples, seed, step, n=m, gen=gen)
+
     def _sample_episodes(self, samples: list, seed: int, step: int) -> RolloutBatch:
         """``n`` multi-turn episodes per sample (one group each) through the episode runner: the environment's
         step rewards are the rewards (``rewards`` = the last step's, ``token_rewards`` the earlier ones, each on
@@ -469,7 +486,8 @@ class RLTrainer(Job):
                                   draw=lambda k: self._draw(k, step))
         elif self.guidance.name == "luffy":
             batch = luffy_rollout(self._draw(want, step), self.guidance, sample_fn, self.tokenizer, self.render,
-                                  self.cfg.rollout.max_new_tokens, n, seed, pad)
+                                  self.cfg.rollout.max_new_tokens, n, seed, pad,
+                                  teacher_fn=partial(self._teacher_groups, step=step) if self.teacher_backend else None)
         else:
             batch = sample_fn(self._draw(want, step), seed)
         if self.guidance.name == "guide":
