@@ -128,6 +128,27 @@ def test_rg_curriculum_resumes_exactly_and_logs_its_level(tiny_model_dir, tmp_pa
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6, rtol=0) for k in wa)
 
 
+def test_postrl_eval_of_a_mixture_run_reports_every_task(tiny_model_dir, tmp_path, capsys):
+    from postrl.cli import main
+    from postrl.data import Sample
+    from postrl.eval.runner import task_rows
+
+    assert task_rows([Sample("q", "a", {"task_name": "x"}, uid="1")] * 2) == {}  # one task: no split
+    assert task_rows([Sample("q", "a", {}, uid="1"), Sample("q", "a", {"task_name": "x"}, uid="2")]) == {}
+    run_dir, _ = train(toy(tmp_path, tiny_model_dir, "train.steps=1", "run.name=evmix"))
+    capsys.readouterr()
+    assert main(["eval", "--model", str(run_dir), "--n", "2", "--k", "1,2", "--bootstrap", "50"]) == 0
+    out = capsys.readouterr().out
+    assert "task c1: 10 problems" in out and "task c2: 10 problems" in out
+    model = json.loads((run_dir / "eval" / "eval.json").read_text())["models"][0]
+    assert set(model["tasks"]) == {"c1", "c2"} and model["tasks"]["c1"]["num_problems"] == 10
+    for key in ("1", "2"):  # equal task sizes: the overall number is the mean of the two tasks'
+        per_task = [model["tasks"][t]["pass_at_k"][key]["value"] for t in ("c1", "c2")]
+        assert model["pass_at_k"][key]["value"] == pytest.approx(sum(per_task) / 2)
+    assert model["greedy_accuracy"]["value"] == pytest.approx(
+        (model["tasks"]["c1"]["greedy_accuracy"]["value"] + model["tasks"]["c2"]["greedy_accuracy"]["value"]) / 2)
+
+
 def test_mixture_evaluation_reports_every_task(tiny_model_dir, tmp_path):
     run_dir, results = train(toy(tmp_path, tiny_model_dir, "train.steps=2", "eval.after=true", "eval.every=1",
                                  "run.name=ev"))

@@ -191,6 +191,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"task {result['task_name']}: {result['num_problems']} problems, n = {settings.n} samples each, "
               f"temperature {settings.temperature}; values with 95% bootstrap CIs over problems")
         print(format_table(result["models"]))
+        for name in result["models"][0].get("tasks", {}):  # a mixture: the same table per task
+            per_task = [{"name": m["name"], **m["tasks"][name]} for m in result["models"]]
+            print(f"\ntask {name}: {per_task[0]['num_problems']} problems")
+            print(format_table(per_task))
     for name in ("eval.json", "samples.jsonl", "pass_at_k.png"):
         print(f"{name}: {Path(out_dir) / name}")
     return 0

@@ -140,6 +140,31 @@ def per_problem_values(sampled: Scored, ks: Sequence[int], greedy: Optional[Scor
     return vals
 
 
+def task_rows(problems: Sequence[Any]) -> dict[str, list[int]]:
+    """The problems of each task of a mixture (``metadata["task_name"]``, see :mod:`postrl.data.mixture`), in
+    order of first appearance; empty when fewer than two tasks are present."""
+    from postrl.data.mixture import TASK_KEY
+
+    rows: dict[str, list[int]] = {}
+    for i, s in enumerate(problems):
+        name = (getattr(s, "metadata", None) or {}).get(TASK_KEY)
+        if name is None:
+            return {}
+        rows.setdefault(str(name), []).append(i)
+    return rows if len(rows) > 1 else {}
+
+
+def summarize_by_task(values: dict[str, list[float]], problems: Sequence[Any], num_resamples: int = 1000,
+                      seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+    """:func:`summarize` over each task's problems separately (a mixture's held-out set), with
+    ``num_problems``; ``{}`` for a single task."""
+    out = {}
+    for name, idx in task_rows(problems).items():
+        out[name] = summarize({k: [v[i] for i in idx] for k, v in values.items()}, num_resamples, seed, level)
+        out[name]["num_problems"] = len(idx)
+    return out
+
+
 def summarize(values: dict[str, list[float]], num_resamples: int = 1000, seed: int = 0,
               level: float = 0.95) -> dict[str, Any]:
     """Means over problems with bootstrap CIs: ``{"pass_at_k": {"1": {"value", "ci", "n"}, ...},
@@ -345,6 +370,9 @@ def evaluate_model(spec: str, label: str, task, settings: EvalSettings, samples_
                              "run_dir": str(run_dir) if run_dir else None, "num_problems": P,
                              "samples_per_problem": n}
     entry.update(summarize(values, settings.bootstrap, settings.seed, settings.ci_level))
+    per_task = summarize_by_task(values, task.problems, settings.bootstrap, settings.seed, settings.ci_level)
+    if per_task:  # a mixture's held-out set: every number per task as well
+        entry["tasks"] = per_task
     entry["truncated_frac"] = float(np.mean([t for row in sampled.truncated for t in row]))
     entry["eval_time_s"] = time.time() - t0
     if samples_file is not None:
