@@ -47,6 +47,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="also time torch.compile of the fused decode step")
     ap.add_argument("--group", type=int, default=8, help="GRPO shape: copies of each prompt (batch / group prompts)")
     ap.add_argument("--grpo-tokens", type=int, default=128, help="GRPO shape: new tokens per completion")
+    ap.add_argument("--grpo-prompt-len", type=int, default=50, help="GRPO shape: tokens per prompt")
     ap.add_argument("--only-grpo", action="store_true", help="skip the step breakdown and continuous batching")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -137,9 +138,9 @@ def main() -> None:
     print(f"FLOP-bound limit: {flops_token / 1e6:.1f} MFLOP per token -> {limit:.0f} generated tokens/s")
     prompts = [[lo + (i + j) % (hi - lo) for i in range(50)] for j in range(B)]
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0)
-    def timed(decode: str, eos, batch: list[list[int]], sampling) -> tuple[float, int, int]:
+    def timed(decode: str, eos, batch: list[list[int]], sampling, **kw) -> tuple[float, int, int]:
         """Seconds, generated tokens and decode steps of one Generator call (after a 2-token warm-up)."""
-        gen = Generator(model, eos, tok.pad_token_id, decode=decode)
+        gen = Generator(model, eos, tok.pad_token_id, decode=decode, **kw)
         gen.generate(batch[:2], SamplingParams(max_new_tokens=2), seed=0)
         start = time.perf_counter()
         out = gen.generate(batch, sampling, seed=0)
@@ -153,13 +154,19 @@ def main() -> None:
 
     # GRPO's shape: B // group distinct prompts x `group` copies (each distinct prompt prefilled once), every row
     # decoding to the budget (no EOS id can be sampled), so the decode batch stays at B for every step
+    # (--grpo-prompt-len: the quickstart's chat-templated prompts are ~234 tokens); the fused forward with each
+    # prompt's keys / values once (shared prompt attention, the default) and with a copy per row
     group, long_params = args.group, SamplingParams(max_new_tokens=args.grpo_tokens, temperature=1.0)
-    grpo_prompts = [prompts[j // group] for j in range(B)]
-    for decode in ("transformers", "fused"):
-        dt, n, _ = timed(decode, [-1], grpo_prompts, long_params)
-        print(f"postrl Generator decode={decode}, GRPO shape {B // group} prompts x {group} copies x "
+    L = args.grpo_prompt_len
+    grpo_prompts = [[lo + (i + j // group) % (hi - lo) for i in range(L)] for j in range(B)]
+    for decode, kw in (("transformers", {}), ("fused", {"shared_prompt_attention": False}),
+                       ("fused", {"shared_prompt_attention": True})):
+        dt, n, _ = timed(decode, [-1], grpo_prompts, long_params, **kw)
+        how = decode + ("" if not kw else ", shared prompt attention" if kw["shared_prompt_attention"]
+                        else ", prompt copied per row")
+        print(f"postrl Generator decode={how}, GRPO shape {B // group} {L}-token prompts x {group} copies x "
               f"{args.grpo_tokens} tokens (batch {B} every step): {dt:.2f} s for {n} tokens = {n / dt:.0f} tokens/s "
-              f"= {100 * n / dt / limit:.1f}% of the limit (prefill of {50 * B // group} prompt tokens included)")
+              f"= {100 * n / dt / limit:.1f}% of the limit (prefill of {L * B // group} prompt tokens included)")
 
     if args.only_grpo:
         return

@@ -84,6 +84,49 @@ def test_fused_logits_equal_transformers_through_prefill_and_decode(family):
             assert torch.allclose(mine, ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_shared_prompt_attention_equals_per_row_caches(family):
+    """Cascade attention (each distinct prompt's keys / values once, FusedLlama.prefill(shared=True)) gives
+    the logits of the per-row cache through prefill, decode steps and rows leaving the batch (compact)."""
+    model = _tiny(family)
+    fused = FusedLlama(model)
+    distinct = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+    expand = torch.tensor([0, 1, 2, 0, 0, 1, 2, 2, 0])  # uneven groups, interleaved rows
+    ids, attn = _left_pad(distinct)
+    B = len(expand)
+    with torch.inference_mode():
+        plain = fused.new_cache(B, ids.shape[1] + 8)
+        shared = fused.new_cache(B, 9, positions=ids.shape[1] + 8)
+        a = fused.prefill(plain, torch.arange(B), ids, attn, expand)
+        b = fused.prefill(shared, torch.arange(B), ids, attn, expand, shared=True)
+        assert shared.pk.shape[1] == 3 and shared.span == 0  # the prompts once; the rows hold no prompt column
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+        gen = torch.Generator().manual_seed(0)
+        for step in range(7):
+            tok = torch.randint(2, VOCAB, (plain.batch,), generator=gen)
+            a, b = fused.decode(plain, tok), fused.decode(shared, tok)
+            assert a.abs().max() > 0.1 and torch.allclose(a, b, atol=1e-5, rtol=0), step
+            if step in (2, 4):  # rows leave: the last rows move into their places, in both caches alike
+                keep = torch.ones(plain.batch, dtype=torch.bool)
+                keep[[0, 3] if step == 2 else [1]] = False
+                assert torch.equal(plain.compact(keep), shared.compact(keep))
+        with pytest.raises(ValueError, match="shared"):
+            shared.put(0, plain.k[:, 0, :, :2], plain.v[:, 0, :, :2])
+        with pytest.raises(ValueError, match="every row"):
+            fused.prefill(fused.new_cache(B, 4), torch.arange(2), ids[:2], attn[:2], shared=True)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_generation_with_and_without_shared_prompt_attention(llama, temperature):
+    params = SamplingParams(max_new_tokens=14, temperature=temperature)
+    prompts = [p for p in PROMPTS[:3] for _ in range(4)]  # GRPO's layout: each prompt n times in a row
+    a, b = (Generator(llama, [EOS, 3, 4], PAD, decode="fused", shared_prompt_attention=on).generate(
+        prompts, params, seed=5) for on in (True, False))
+    assert 0 < int(a.lengths.min()) < 14 or temperature == 0
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.completion_mask, b.completion_mask)
+    assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5) and torch.allclose(a.entropy, b.entropy, atol=1e-5)
+
+
 def _pair(model, **kw):
     return [Generator(model, [EOS, 3, 4], PAD, decode=d, **kw) for d in ("fused", "transformers")]
 
@@ -130,8 +173,8 @@ def test_continuous_batching_equals_whole_batch_and_chunks(llama, temperature):
     fused = cont.fused_decoder()
     prefilled = []
     prefill = fused.prefill
-    fused.prefill = lambda cache, rows, ids, attn, expand=None: (prefilled.append(ids.shape[0]),
-                                                                 prefill(cache, rows, ids, attn, expand))[1]
+    fused.prefill = lambda cache, rows, ids, attn, expand=None, shared=False: (
+        prefilled.append(ids.shape[0]), prefill(cache, rows, ids, attn, expand, shared))[1]
     a = cont.generate(prompts, params, seed=5, batch_size=4)
     del fused.prefill
     assert sum(prefilled) == len(PROMPTS) - 1  # each distinct prompt once (the first and fourth are the same)

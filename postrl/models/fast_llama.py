@@ -16,6 +16,12 @@ up projections — costs as much as the matrix products. This forward does only 
 - decode attention lays out the ``g = heads / kv_heads`` query heads of a KV head as ``g`` query
   positions (grouped-query attention without repeating K/V): two matrix products and a softmax on CPU
   (faster there than ``scaled_dot_product_attention``, which runs elsewhere and for the prefill);
+- shared prompts (a GRPO group repeats each prompt n times): :meth:`FusedLlama.prefill` with
+  ``shared=True`` keeps each distinct prompt's keys / values once (``KVCache.pk / pv``) and the rows only
+  their generated tokens; decode attention then reads a prompt's keys once for all its rows, as one
+  matrix product over the rows' queries (cascade attention: the prompt part and the generated part are
+  attended apart and joined as a split softmax). For the quickstart's 234-token prompts x 8
+  copies this reads 1/8 of the prompt keys and values per step;
 - the norms, the SiLU MLP and the (tied or untied) LM head compute what transformers computes.
 
 The values equal transformers' forward to float rounding (tests/test_fast_decode.py: logits to 1e-5 in
@@ -117,6 +123,10 @@ class KVCache:
     writes its next token at column ``end[b]`` and gives it the rotary position ``pos[b]``. Columns below
     ``span`` (the largest ``end``) are finite in every row (zeros or stale values), so a masked column
     contributes exactly 0 to attention.
+
+    Shared prompts (:meth:`set_prefixes`): ``pk / pv [layers, n, kv_heads, P, head_dim]`` hold n distinct
+    prompts once (left-padded, ``pbias [n, P]`` their additive mask), ``pref [B]`` the prompt of each row;
+    the row columns then hold only the generated tokens (their positions continue after the prompt's).
     """
 
     def __init__(self, layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int, dtype, device):
@@ -128,6 +138,32 @@ class KVCache:
         self.pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.span = 0
         self.capacity = capacity
+        self.pk = self.pv = self.pbias = self.pref = None
+        self._layout = None  # (pref, n, m, slot_pos) of the shared prompts, rebuilt when pref changes
+
+    def set_prefixes(self, n: int, width: int) -> None:
+        """Room for ``n`` shared prompts of ``width`` (left-padded) columns; every row's ``pref`` must be set
+        by the caller (:meth:`FusedLlama.prefill` with ``shared=True``)."""
+        layers, B, kv, _, d = self.k.shape
+        self.pk = self.k.new_zeros((layers, n, kv, width, d))
+        self.pv = self.v.new_zeros((layers, n, kv, width, d))
+        self.pbias = self.bias.new_full((n, width), float("-inf"))
+        self.pref = torch.zeros(B, dtype=torch.long, device=self.k.device)
+        self._layout = None
+
+    def prefix_layout(self) -> tuple[int, int, torch.Tensor]:
+        """How rows map onto the blocks of the shared-prompt attention: ``(n, m, slot_pos)``, n prompts of at
+        most m rows each, row b at ``slot_pos[b] = pref[b] * m + (its rank among the rows of its prompt)``."""
+        if self._layout is None or self._layout[0] is not self.pref:
+            n = self.pk.shape[1]
+            counts = torch.bincount(self.pref, minlength=n)
+            m = int(counts.max())
+            order = torch.argsort(self.pref, stable=True)
+            starts = counts.cumsum(0) - counts
+            rank = torch.empty_like(self.pref)
+            rank[order] = torch.arange(len(order), device=order.device) - starts[self.pref[order]]
+            self._layout = (self.pref, n, m, self.pref * m + rank)
+        return self._layout[1:]
 
     @property
     def batch(self) -> int:
@@ -144,6 +180,9 @@ class KVCache:
 
     def put(self, row: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Row ``row`` := a prompt's keys / values ``[layers, kv_heads, P, head_dim]`` (no padding)."""
+        if self.pk is not None:
+            raise ValueError("KVCache.put: this cache keeps its prompts shared (set_prefixes); put() writes a "
+                             "prompt into a row of a cache without shared prompts")
         P = keys.shape[-2]
         self.grow(P)
         self.k[:, row, :, :P] = keys
@@ -165,12 +204,15 @@ class KVCache:
             s = self.span
             self.k[:, holes, :, :s] = self.k[:, movers, :, :s]
             self.v[:, holes, :, :s] = self.v[:, movers, :, :s]
-            for name in ("bias", "end", "pos"):
+            for name in ("bias", "end", "pos", "pref"):
                 t = getattr(self, name)
-                t[holes] = t[movers]
+                if t is not None:
+                    t[holes] = t[movers]
             perm[holes] = movers
         self.k, self.v = self.k[:, :n], self.v[:, :n]
         self.bias, self.end, self.pos = self.bias[:n], self.end[:n], self.pos[:n]
+        if self.pref is not None:
+            self.pref = self.pref[:n].clone()  # a new tensor: prefix_layout() sees the change
         return perm
 
 
@@ -246,9 +288,12 @@ class FusedLlama:
             self._cos, self._sin = cos[0], sin[0]
         return self._cos, self._sin
 
-    def new_cache(self, batch: int, capacity: int) -> KVCache:
+    def new_cache(self, batch: int, capacity: int, positions: int = 0) -> KVCache:
+        """A cache of ``batch`` rows x ``capacity`` columns, with rotary tables for ``max(capacity,
+        positions)`` positions (a cache with shared prompts holds only the generated tokens in its rows, whose
+        positions continue after the prompt's)."""
         w = self.inner.embed_tokens.weight
-        self._rotary(capacity, w.device, w.dtype)
+        self._rotary(max(capacity, positions), w.device, w.dtype)
         return KVCache(len(self.layers), batch, self.n_kv, capacity, self.head_dim, w.dtype, w.device)
 
     # ----- forward ------------------------------------------------------------------------------------------
@@ -282,12 +327,19 @@ class FusedLlama:
         return F.linear(x, head.weight, head.bias)
 
     def prefill(self, cache: KVCache, rows: torch.Tensor, ids: torch.Tensor, attn: torch.Tensor,
-                expand: torch.Tensor | None = None) -> torch.Tensor:
+                expand: torch.Tensor | None = None, shared: bool = False) -> torch.Tensor:
         """Run left-padded prompts ``ids / attn [n, P]`` and store their keys / values in cache rows ``rows``
         (columns ``[0, P)``; the row's older entries are invalidated). ``expand [len(rows)]``: which of the
         n prompts each row receives (prefix sharing: a prompt repeated in a group is run once); default
-        the identity. Returns the last position's logits ``[len(rows), vocab]``."""
+        the identity. Returns the last position's logits ``[len(rows), vocab]``.
+
+        ``shared=True`` (every row of the cache at once): the n prompts' keys / values are kept once
+        (:meth:`KVCache.set_prefixes`) and read once per decode step for all the rows of a prompt; the rows'
+        own columns start empty."""
         n, P = ids.shape
+        if shared and len(rows) != cache.batch:
+            raise ValueError(f"FusedLlama.prefill(shared=True) fills every row of the cache at once: got "
+                             f"{len(rows)} rows for a cache of {cache.batch}")
         cos_t, sin_t = self._rotary(P, ids.device, cache.k.dtype)
         positions = (attn.cumsum(-1) - 1).clamp(min=0)
         cos, sin = cos_t[positions][:, :, None], sin_t[positions][:, :, None]  # [n, P, 1, d]
@@ -297,26 +349,41 @@ class FusedLlama:
         mask = (causal & keys[:, None, :]) | torch.eye(P, dtype=torch.bool, device=ids.device)
         mask = mask[:, None]  # [n, 1, P, P]
         x = self.inner.embed_tokens(ids)
-        cache.grow(P)  # columns [span, P) of the other rows become readable: keep them finite
+        if shared:
+            cache.set_prefixes(n, P)
+        else:
+            cache.grow(P)  # columns [span, P) of the other rows become readable: keep them finite
         for i, layer in enumerate(self.layers):
             f = self._fused[i]
             q, k, v = self._qkv(layer, f, x)  # [n, P, heads, d]
             q = _rotate(q, cos, sin).transpose(1, 2)
             k = _rotate(k, cos, sin).transpose(1, 2)
             v = v.transpose(1, 2)
-            kr, vr = (k, v) if expand is None else (k[expand], v[expand])
-            cache.k[i, rows, :, :P] = kr
-            cache.v[i, rows, :, :P] = vr
+            if shared:
+                cache.pk[i] = k
+                cache.pv[i] = v
+            else:
+                kr, vr = (k, v) if expand is None else (k[expand], v[expand])
+                cache.k[i, rows, :, :P] = kr
+                cache.v[i, rows, :, :P] = vr
             if self.group > 1:
                 k, v = k.repeat_interleave(self.group, dim=1), v.repeat_interleave(self.group, dim=1)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
             x = self._finish_layer(layer, f, x, o.transpose(1, 2).flatten(2))
+        n_real = attn.sum(-1)
+        if shared:
+            cache.pbias.masked_fill_(keys, 0.0)
+            cache.pref[rows] = torch.arange(n, device=ids.device) if expand is None else expand
+            cache.bias[rows] = float("-inf")
+            cache.end[rows] = 0
+            cache.pos[rows] = n_real if expand is None else n_real[expand]
+            logits = self._logits(x[:, -1])
+            return logits if expand is None else logits[expand]
         bias = torch.full((len(rows), cache.capacity), float("-inf"), dtype=cache.bias.dtype, device=ids.device)
         bias[:, :P] = torch.zeros((), dtype=bias.dtype, device=ids.device).masked_fill(
             ~(keys if expand is None else keys[expand]), float("-inf"))
         cache.bias[rows] = bias
         cache.end[rows] = P
-        n_real = attn.sum(-1)
         cache.pos[rows] = n_real if expand is None else n_real[expand]
         logits = self._logits(x[:, -1])
         return logits if expand is None else logits[expand]
@@ -332,10 +399,47 @@ class FusedLlama:
         scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.scale).add_(mask)
         return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(q.dtype), v)
 
-    def _decode_layers_eager(self, x, cos, sin, rows, end, mask, keys, values):
+    def _attend_shared(self, q, k, v, mask, pk, pv, pmask, layout):
+        """Cascade attention: ``q [B, kv, g, d]`` over its prompt's keys / values ``pk / pv [n, kv, P, d]``
+        (shared by the rows of that prompt; additive mask ``pmask [n, 1, 1, P]``) and its own ``k / v
+        [B, kv, s, d]`` (``mask [B, 1, 1, s]``); ``layout = (n, m, slot_pos)`` from
+        :meth:`KVCache.prefix_layout`.
+
+        The rows of a prompt are stacked as ``m * g`` query positions of one block, so that a prompt's keys
+        and values are read once per step. Each part is exponentiated against its own maximum and the two
+        are joined as in a split softmax: with ``M`` the larger maximum, ``out = (e^(m_p - M) E_p V_p +
+        e^(m_s - M) E_s V_s) / (e^(m_p - M) Z_p + e^(m_s - M) Z_s)``, the attention over the concatenated
+        cache to float rounding (softmax in float32, as :meth:`_attend`)."""
+        B, kv, g, d = q.shape
+        n, m, slot_pos = layout
+        blocks = q.new_zeros((n * m, kv, g, d))
+        blocks[slot_pos] = q
+        blocks = blocks.view(n, m, kv, g, d).transpose(1, 2).reshape(n, kv, m * g, d)
+        sp = torch.matmul(blocks, pk.transpose(-1, -2)).float().mul_(self.scale).add_(pmask)  # [n, kv, m*g, P]
+        mp = sp.amax(-1, keepdim=True)
+        ep = sp.sub_(mp).exp_()
+        zp = ep.sum(-1, keepdim=True)
+        op = torch.matmul(ep.to(q.dtype), pv)  # [n, kv, m * g, d]
+
+        def rows(t):  # block layout [n, kv, m * g, x] -> the rows' [B, kv, g, x]
+            return t.view(n, kv, m, g, t.shape[-1]).transpose(1, 2).reshape(n * m, kv, g, t.shape[-1])[slot_pos]
+
+        op, mp, zp = rows(op), rows(mp), rows(zp)
+        ss = torch.matmul(q, k.transpose(-1, -2)).float().mul_(self.scale).add_(mask)  # [B, kv, g, s]
+        ms = ss.amax(-1, keepdim=True)
+        es = ss.sub_(ms).exp_()
+        zs = es.sum(-1, keepdim=True)
+        os_ = torch.matmul(es.to(q.dtype), v)
+        top = torch.maximum(mp, ms)
+        wp, ws = (mp - top).exp_(), (ms - top).exp_()
+        norm = (wp * zp + ws * zs).reciprocal_()
+        return (op.float() * (wp * norm) + os_.float() * (ws * norm)).to(q.dtype)
+
+    def _decode_layers_eager(self, x, cos, sin, rows, end, mask, keys, values, shared=None):
         """The decoder layers for one token per row: ``x [B, D]``, rotary ``cos / sin [B, 1, d]``, the rows'
         write columns ``end [B]``, ``mask [B, 1, 1, span]``, cache views ``[layers, B, kv, span, d]`` (written
-        in place at ``end``). Returns the last hidden states ``[B, D]``."""
+        in place at ``end``). ``shared``: ``(pk, pv, pmask, layout)`` of a cache with shared prompts.
+        Returns the last hidden states ``[B, D]``."""
         B = x.shape[0]
         for i, layer in enumerate(self.layers):
             f = self._fused[i]
@@ -345,7 +449,9 @@ class FusedLlama:
             ck[rows, :, end] = k
             cv[rows, :, end] = v
             # the g query heads of one KV head as g query positions: grouped-query attention without repeat
-            o = self._attend(q.view(B, self.n_kv, self.group, self.head_dim), ck, cv, mask)
+            qg = q.view(B, self.n_kv, self.group, self.head_dim)
+            o = (self._attend(qg, ck, cv, mask) if shared is None
+                 else self._attend_shared(qg, ck, cv, mask, shared[0][i], shared[1][i], shared[2], shared[3]))
             x = self._finish_layer(layer, f, x, o.reshape(B, self.n_heads * self.head_dim))
         return x
 
@@ -359,9 +465,13 @@ class FusedLlama:
         rows = torch.arange(B, device=tokens.device)
         cache.bias[rows, end] = 0
         mask = cache.bias[:, None, None, :span]  # [B, 1, 1, span]: a view of the persistent additive mask
+        shared = None
+        if cache.pk is not None:
+            shared = (cache.pk, cache.pv, cache.pbias[:, None, None, :], cache.prefix_layout())
         cos, sin = self._cos[pos][:, None], self._sin[pos][:, None]  # [B, 1, d]
         x = self.inner.embed_tokens(tokens)
-        x = self._decode_layers(x, cos, sin, rows, end, mask, cache.k[..., :span, :], cache.v[..., :span, :])
+        x = self._decode_layers(x, cos, sin, rows, end, mask, cache.k[..., :span, :], cache.v[..., :span, :],
+                                shared)
         cache.end = end + 1
         cache.pos = pos + 1
         return self._logits(x)

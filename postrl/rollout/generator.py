@@ -222,12 +222,15 @@ class Generator:
     chunks). It draws each row's random numbers from the row's own stream (``uniforms[row, t]``, drawn up
     front), so a row's tokens do not depend on the batch it ran in; these streams differ from the default
     one (one draw per active row and step), so turning it on changes a seeded run's samples, not their
-    distribution.
+    distribution. ``shared_prompt_attention`` (fused path, all prompts in one decode batch, some repeated):
+    each distinct prompt's keys / values are kept once and read once per step for all its rows (cascade
+    attention, :meth:`~postrl.models.fast_llama.FusedLlama.prefill`); the same tokens and log-probs to float
+    rounding, and 1/n of the prompt's attention reads for a group of n.
     """
 
     def __init__(self, model, eos_token_ids: int | list[int], pad_token_id: int, kv_cache: str = "preallocated",
                  sampler: str = "inverse_cdf", share_prefill: bool = True, decode: str = "auto",
-                 continuous_batching: bool = False):
+                 continuous_batching: bool = False, shared_prompt_attention: bool = True):
         self.model = model
         eos = [eos_token_ids] if isinstance(eos_token_ids, int) else list(eos_token_ids)
         self.eos = torch.tensor(eos, dtype=torch.long)
@@ -250,6 +253,7 @@ class Generator:
         self.kv_cache, self.sampler = kv_cache, sampler
         self.share_prefill = bool(share_prefill)
         self.decode, self.continuous_batching = decode, bool(continuous_batching)
+        self.shared_prompt_attention = bool(shared_prompt_attention)
         self._fused = None  # FusedLlama of self.model, built on first use
         self._cache_kw = cache_keyword(model)
 
@@ -341,11 +345,13 @@ class Generator:
         return tok, logp_full.gather(-1, tok[:, None]).squeeze(-1), -(p_full * logp_full).sum(-1)
 
     def _fused_prefill(self, fused: FusedLlama, cache, slots: torch.Tensor, prompts, device,
-                       memo: OrderedDict | None = None) -> torch.Tensor:
+                       memo: OrderedDict | None = None, shared: bool = False) -> torch.Tensor:
         """Prefill ``prompts`` into cache rows ``slots`` (each distinct prompt once); their next-token logits.
 
         ``memo`` (continuous batching): the keys / values and logits of the last prompts prefilled, by prompt;
         a group's copies that join the batch at different steps are prefilled once and copied after that.
+        ``shared``: keep each distinct prompt's keys / values once in the cache (every row at once; see
+        :meth:`FusedLlama.prefill`).
         """
         logits: list[torch.Tensor | None] = [None] * len(prompts)
         todo = list(range(len(prompts)))
@@ -366,7 +372,7 @@ class Generator:
         ids, attn = left_pad([sub[i] for i in first], self.pad_id, device)
         exp = None if expand is None or len(first) == len(sub) else torch.tensor(expand, device=device)
         sub_slots = slots[torch.tensor(todo, device=device)] if len(todo) < len(prompts) else slots
-        out = fused.prefill(cache, sub_slots, ids, attn, exp)
+        out = fused.prefill(cache, sub_slots, ids, attn, exp, shared=shared)
         if memo is None:
             return out
         width = ids.shape[1]
@@ -398,11 +404,18 @@ class Generator:
         out_ent = torch.zeros((N, T), dtype=torch.float32, device=device)
         eos = self.eos.to(device)
         B = min(slots, N)
-        cache = fused.new_cache(B, max(len(p) for p in prompts) + T)
+        longest = max(len(p) for p in prompts)
+        # every prompt in the batch from the start and some repeated (a GRPO group): their keys / values are
+        # kept once and read once per step for all their rows (cascade attention, FusedLlama.prefill)
+        shared = (self.shared_prompt_attention and self.share_prefill and B == N
+                  and len({tuple(p) for p in prompts}) < N)
+        cache = (fused.new_cache(B, T + 1, positions=longest + T) if shared
+                 else fused.new_cache(B, longest + T))
         rows = torch.arange(B, device=device)  # the prompt each cache row decodes
         t = torch.zeros(B, dtype=torch.long, device=device)  # tokens generated so far, per cache row
         memo = OrderedDict() if B < N else None  # prompts waiting: their groups' copies may join one by one
-        logits = self._fused_prefill(fused, cache, torch.arange(B, device=device), prompts[:B], device, memo)
+        logits = self._fused_prefill(fused, cache, torch.arange(B, device=device), prompts[:B], device, memo,
+                                     shared=shared)
         waiting = B  # index of the next prompt to start
         steps = 0
         order = None  # the rows in prompt order, once dropping rows has permuted them (the shared stream's order)
