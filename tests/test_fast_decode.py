@@ -117,11 +117,20 @@ def test_shared_prompt_attention_equals_per_row_caches(family):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_generation_with_and_without_shared_prompt_attention(llama, temperature):
+def test_generation_with_and_without_shared_prompt_attention(llama, temperature, monkeypatch):
     params = SamplingParams(max_new_tokens=14, temperature=temperature)
     prompts = [p for p in PROMPTS[:3] for _ in range(4)]  # GRPO's layout: each prompt n times in a row
+    used = []
+    real = FusedLlama.prefill
+
+    def spy(self, *args, shared=False, **kw):
+        used.append(shared)
+        return real(self, *args, shared=shared, **kw)
+
+    monkeypatch.setattr(FusedLlama, "prefill", spy)
     a, b = (Generator(llama, [EOS, 3, 4], PAD, decode="fused", shared_prompt_attention=on).generate(
         prompts, params, seed=5) for on in (True, False))
+    assert used == [True, False]  # one prefill per generate: the shared cache with the option, per-row without
     assert 0 < int(a.lengths.min()) < 14 or temperature == 0
     assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.completion_mask, b.completion_mask)
     assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5) and torch.allclose(a.entropy, b.entropy, atol=1e-5)

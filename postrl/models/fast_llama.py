@@ -370,20 +370,18 @@ class FusedLlama:
                 k, v = k.repeat_interleave(self.group, dim=1), v.repeat_interleave(self.group, dim=1)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
             x = self._finish_layer(layer, f, x, o.transpose(1, 2).flatten(2))
-        n_real = attn.sum(-1)
-        if shared:
+        if shared:  # the prompts' columns are shared; the rows' own columns start empty
             cache.pbias.masked_fill_(keys, 0.0)
             cache.pref[rows] = torch.arange(n, device=ids.device) if expand is None else expand
             cache.bias[rows] = float("-inf")
             cache.end[rows] = 0
-            cache.pos[rows] = n_real if expand is None else n_real[expand]
-            logits = self._logits(x[:, -1])
-            return logits if expand is None else logits[expand]
-        bias = torch.full((len(rows), cache.capacity), float("-inf"), dtype=cache.bias.dtype, device=ids.device)
-        bias[:, :P] = torch.zeros((), dtype=bias.dtype, device=ids.device).masked_fill(
-            ~(keys if expand is None else keys[expand]), float("-inf"))
-        cache.bias[rows] = bias
-        cache.end[rows] = P
+        else:
+            bias = torch.full((len(rows), cache.capacity), float("-inf"), dtype=cache.bias.dtype, device=ids.device)
+            bias[:, :P] = torch.zeros((), dtype=bias.dtype, device=ids.device).masked_fill(
+                ~(keys if expand is None else keys[expand]), float("-inf"))
+            cache.bias[rows] = bias
+            cache.end[rows] = P
+        n_real = attn.sum(-1)
         cache.pos[rows] = n_real if expand is None else n_real[expand]
         logits = self._logits(x[:, -1])
         return logits if expand is None else logits[expand]

@@ -408,7 +408,7 @@ class Generator:
         # every prompt in the batch from the start and some repeated (a GRPO group): their keys / values are
         # kept once and read once per step for all their rows (cascade attention, FusedLlama.prefill)
         shared = (self.shared_prompt_attention and self.share_prefill and B == N
-                  and len({tuple(p) for p in prompts}) < N)
+                  and len(unique_rows(prompts)[0]) < N)
         cache = (fused.new_cache(B, T + 1, positions=longest + T) if shared
                  else fused.new_cache(B, longest + T))
         rows = torch.arange(B, device=device)  # the prompt each cache row decodes
