@@ -110,7 +110,8 @@ def main() -> None:
     vocab = model.config.vocab_size
     with torch.inference_mode():
         ids = torch.randint(lo, hi, (B, 50))
-        fused_steps = {} if args.only_grpo else {"eager": FusedLlama(model)}
+        fused_steps = {} if args.only_grpo else {"eager, prepacked oneDNN linear": FusedLlama(model),
+                                                 "eager, F.linear": FusedLlama(model, prepack=False)}
         if args.compile:
             fused_steps["compiled"] = FusedLlama(model, compile=True)
         for label, fused in fused_steps.items():
@@ -155,15 +156,22 @@ def main() -> None:
     # GRPO's shape: B // group distinct prompts x `group` copies (each distinct prompt prefilled once), every row
     # decoding to the budget (no EOS id can be sampled), so the decode batch stays at B for every step
     # (--grpo-prompt-len: the quickstart's chat-templated prompts are ~234 tokens); the fused forward with each
-    # prompt's keys / values once (shared prompt attention, the default) and with a copy per row
+    # prompt's keys / values once (shared prompt attention, the default) and with a copy per row, with its linear
+    # layers through oneDNN's prepacked weights (the default on CPU) and through F.linear
     group, long_params = args.group, SamplingParams(max_new_tokens=args.grpo_tokens, temperature=1.0)
     L = args.grpo_prompt_len
     grpo_prompts = [[lo + (i + j // group) % (hi - lo) for i in range(L)] for j in range(B)]
-    for decode, kw in (("transformers", {}), ("fused", {"shared_prompt_attention": False}),
-                       ("fused", {"shared_prompt_attention": True})):
+    from postrl.models import fast_llama
+    for decode, kw, prepack in (("transformers", {}, False), ("fused", {"shared_prompt_attention": False}, True),
+                                ("fused", {"shared_prompt_attention": True}, False),
+                                ("fused", {"shared_prompt_attention": True}, True)):
+        available = fast_llama.prepack_available()
+        fast_llama._PREPACK_OK = available and prepack  # the default where oneDNN has it; off: F.linear
         dt, n, _ = timed(decode, [-1], grpo_prompts, long_params, **kw)
+        fast_llama._PREPACK_OK = available
         how = decode + ("" if not kw else ", shared prompt attention" if kw["shared_prompt_attention"]
                         else ", prompt copied per row")
+        how += "" if decode == "transformers" else ", prepacked oneDNN linear" if prepack and available else ", F.linear"
         print(f"postrl Generator decode={how}, GRPO shape {B // group} {L}-token prompts x {group} copies x "
               f"{args.grpo_tokens} tokens (batch {B} every step): {dt:.2f} s for {n} tokens = {n / dt:.0f} tokens/s "
               f"= {100 * n / dt / limit:.1f}% of the limit (prefill of {L * B // group} prompt tokens included)")

@@ -7,6 +7,8 @@ the transformers forward and the plain chunked decode.
   log-probs and entropies to 1e-5, rows finishing early;
 - continuous batching (finished rows refilled with waiting prompts) == the whole batch at once == chunks;
 - weights changed in place after a generate are used by the next generate;
+- oneDNN's prepacked linear layers (CPU, fp32) == F.linear, repacked after the weights change, freed after a
+  generate;
 - unsupported models (PEFT / LoRA layers, other architectures, sliding windows) fall back to transformers.
 """
 
@@ -16,7 +18,7 @@ from torch import nn
 from transformers import (DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
-from postrl.models.fast_llama import FusedLlama, supports, unsupported_reason
+from postrl.models.fast_llama import FusedLlama, prepack_available, supports, unsupported_reason
 from postrl.rollout.generator import Generator, SamplingParams
 
 VOCAB, PAD, EOS = 40, 0, 1
@@ -114,6 +116,45 @@ def test_shared_prompt_attention_equals_per_row_caches(family):
             shared.put(0, plain.k[:, 0, :, :2], plain.v[:, 0, :, :2])
         with pytest.raises(ValueError, match="every row"):
             fused.prefill(fused.new_cache(B, 4), torch.arange(2), ids[:2], attn[:2], shared=True)
+
+
+@pytest.mark.skipif(not prepack_available(), reason="this torch build has no oneDNN prepacked linear")
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_prepacked_linear_layers_equal_f_linear_and_follow_weight_updates(family):
+    """The oneDNN path (weights reordered once per generate) is on by default for a float32 CPU model and gives
+    F.linear's logits; after an in-place weight update, refresh() packs the new weights (a stale packed copy
+    would keep the old logits); release() frees the copies."""
+    model = _tiny(family)
+    packed, plain = FusedLlama(model), FusedLlama(model, prepack=False)
+    assert packed.prepack and not plain.prepack
+    assert packed._head_packed is not None and "qkv_p" in packed._fused[0] and "qkv_p" not in plain._fused[0]
+    ids, attn = _left_pad(PROMPTS)
+    B = len(PROMPTS)
+
+    def run(fused):
+        cache = fused.new_cache(B, ids.shape[1] + 4)
+        out = [fused.prefill(cache, torch.arange(B), ids, attn)]
+        for t in range(3):
+            out.append(fused.decode(cache, torch.full((B,), 5 + t)))
+        return torch.stack(out)
+
+    with torch.inference_mode():
+        before = run(packed)
+        assert before.abs().max() > 0.1 and torch.allclose(before, run(plain), atol=1e-5, rtol=0)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        packed.refresh(), plain.refresh()
+        after = run(packed)
+        assert (after - before).abs().max() > 1e-2  # the update changes the logits ...
+        assert torch.allclose(after, run(plain), atol=1e-5, rtol=0)  # ... and the packed path sees it
+    packed.release()
+    assert packed._head_packed is None and "qkv_p" not in packed._fused[0]
+    with torch.inference_mode():
+        assert torch.allclose(run(packed), after, atol=1e-5, rtol=0)  # released: F.linear on the same weights
+    gen = Generator(model, [EOS], PAD, decode="fused")
+    gen.generate([[5, 6, 7]], SamplingParams(max_new_tokens=3), seed=0)
+    assert gen._fused.prepack and gen._fused._head_packed is None  # freed after the generate
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

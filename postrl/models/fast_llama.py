@@ -22,7 +22,13 @@ up projections — costs as much as the matrix products. This forward does only 
   matrix product over the rows' queries (cascade attention: the prompt part and the generated part are
   attended apart and joined as a split softmax). For the quickstart's 234-token prompts x 8
   copies this reads 1/8 of the prompt keys and values per step;
-- the norms, the SiLU MLP and the (tied or untied) LM head compute what transformers computes.
+- the norms, the SiLU MLP and the (tied or untied) LM head compute what transformers computes;
+- on CPU in float32 every matrix product of the decode path (q|k|v, o, gate|up, down, LM head) runs
+  through oneDNN with the weight reordered once per ``generate`` into oneDNN's blocked layout
+  (:func:`prepack_available`). ``F.linear`` re-packs the weight at every call, which at decode shapes
+  ([64 x 576] times a [576 x 3072] weight) costs as much as the product: measured 1.3-2.5x faster per
+  product on the 2-core machine, the LM head 85 -> 188 GFLOP/s at 64 rows (BENCHMARKS.md, issue 19). The
+  packed copies are freed after the generation (:meth:`FusedLlama.release`).
 
 The values equal transformers' forward to float rounding (tests/test_fast_decode.py: logits to 1e-5 in
 fp32, the same greedy tokens). :func:`supports` says which models qualify; anything else (other
@@ -101,6 +107,44 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+_PREPACK_OK: bool | None = None
+
+
+def prepack_available() -> bool:
+    """Whether this torch build has oneDNN's prepacked linear (``torch.ops.mkldnn._reorder_linear_weight`` and
+    ``_linear_pointwise``, the kernels Inductor uses for CPU linear layers) and it computes ``F.linear``:
+    checked once per process on a small product."""
+    global _PREPACK_OK
+    if _PREPACK_OK is None:
+        try:
+            ok = torch.backends.mkldnn.is_available()
+            if ok:
+                with torch.no_grad():
+                    g = torch.Generator().manual_seed(0)
+                    x, w, b = (torch.randn(3, 8, generator=g), torch.randn(5, 8, generator=g),
+                               torch.randn(5, generator=g))
+                    packed = torch.ops.mkldnn._reorder_linear_weight(w, 3)
+                    y = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+                    ok = bool(torch.allclose(y, F.linear(x, w, b), atol=1e-5))
+        except (AttributeError, RuntimeError):
+            ok = False
+        _PREPACK_OK = ok
+    return _PREPACK_OK
+
+
+def _pack(w: torch.Tensor, rows_hint: int) -> torch.Tensor:
+    """``w [out, in]`` reordered into oneDNN's blocked layout for products with ``rows_hint``-row inputs (the
+    hint picks the blocking; any number of rows is computed)."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), rows_hint)
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, packed: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, w, b)``, through the prepacked copy of ``w`` when there is one."""
+    if packed is None:
+        return F.linear(x, w, b)
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, b, "none", [], "")
 
 
 def _cat_into(store: dict, key: str, parts: list[torch.Tensor] | None) -> None:
@@ -227,9 +271,13 @@ class FusedLlama:
     ``compile=True`` runs the decoder layers of :meth:`decode` through ``torch.compile`` (dynamic shapes).
     Off by default: on the 2-core CPU (SmolLM2-135M shapes, B=64, 50-token cache, 2 threads) the compiled
     step took 350-377 ms against 150-170 ms eager, after 95 s of compilation.
+
+    ``prepack``: run the linear layers through oneDNN with weights reordered by :meth:`refresh` (see the
+    module docstring). ``None`` (default): on for a float32 model on CPU when :func:`prepack_available`,
+    and not with ``compile``. The packed copies hold as much memory as the weights until :meth:`release`.
     """
 
-    def __init__(self, model, compile: bool = False):
+    def __init__(self, model, compile: bool = False, prepack: bool | None = None):
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(f"FusedLlama: unsupported model ({reason})")
@@ -247,6 +295,13 @@ class FusedLlama:
         self.intermediate = self.inner.layers[0].mlp.gate_proj.out_features
         self._fused: list[dict] = []
         self._cos = self._sin = None
+        w = model.get_output_embeddings().weight
+        auto = w.device.type == "cpu" and w.dtype == torch.float32 and not compile
+        if prepack and not prepack_available():
+            raise ValueError("FusedLlama(prepack=True): this torch build has no oneDNN prepacked linear "
+                             "(torch.backends.mkldnn); use prepack=None or False")
+        self.prepack = bool(prepack) if prepack is not None else auto and prepack_available()
+        self._head_packed: torch.Tensor | None = None
         self._decode_layers = (torch.compile(self._decode_layers_eager, dynamic=True) if compile
                                else self._decode_layers_eager)
         self.refresh()
@@ -277,6 +332,20 @@ class FusedLlama:
                 _cat_into(f, "gu_w", [gw, uw])
                 _cat_into(f, "gu_b", [b if b is not None else w.new_zeros(w.shape[0]) for b, w in ((gb, gw), (ub, uw))]
                           if gb is not None or ub is not None else None)
+                if self.prepack:
+                    f["qkv_p"], f["gu_p"] = _pack(f["qkv_w"], 64), _pack(f["gu_w"], 64)
+                    f["o_p"] = _pack(layer.self_attn.o_proj.weight, 64)
+                    f["down_p"] = _pack(layer.mlp.down_proj.weight, 64)
+            if self.prepack:
+                self._head_packed = _pack(self.model.get_output_embeddings().weight, 64)
+
+    def release(self) -> None:
+        """Free the prepacked weight copies (after a generation: the update does not need them, and
+        :meth:`refresh` packs the updated weights again)."""
+        for f in self._fused:
+            for key in ("qkv_p", "gu_p", "o_p", "down_p"):
+                f.pop(key, None)
+        self._head_packed = None
 
     def _rotary(self, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos / sin tables ``[>= length, head_dim]`` from the model's own rotary module (its scaling
@@ -301,7 +370,7 @@ class FusedLlama:
     def _qkv(self, layer, f, x):
         """x [..., D] -> q [..., H, d], k / v [..., kv, d] (q/k norms of Qwen3 applied)."""
         a = _rms(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-        qkv = F.linear(a, f["qkv_w"], f["qkv_b"])
+        qkv = _linear(a, f["qkv_w"], f["qkv_b"], f.get("qkv_p"))
         hq, hk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         q = qkv[..., :hq].unflatten(-1, (self.n_heads, self.head_dim))
         k = qkv[..., hq:hq + hk].unflatten(-1, (self.n_kv, self.head_dim))
@@ -315,16 +384,16 @@ class FusedLlama:
     def _finish_layer(self, layer, f, x, attn_out):
         """Residual after attention (o_proj), then the SiLU MLP and its residual."""
         an, mlp = layer.self_attn, layer.mlp
-        x = x + F.linear(attn_out, an.o_proj.weight, an.o_proj.bias)
+        x = x + _linear(attn_out, an.o_proj.weight, an.o_proj.bias, f.get("o_p"))
         a = _rms(x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
-        gu = F.linear(a, f["gu_w"], f["gu_b"])
+        gu = _linear(a, f["gu_w"], f["gu_b"], f.get("gu_p"))
         h = F.silu(gu[..., :self.intermediate]) * gu[..., self.intermediate:]
-        return x + F.linear(h, mlp.down_proj.weight, mlp.down_proj.bias)
+        return x + _linear(h, mlp.down_proj.weight, mlp.down_proj.bias, f.get("down_p"))
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = _rms(x, self.inner.norm.weight, self.inner.norm.variance_epsilon)
         head = self.model.get_output_embeddings()
-        return F.linear(x, head.weight, head.bias)
+        return _linear(x, head.weight, head.bias, self._head_packed)
 
     def prefill(self, cache: KVCache, rows: torch.Tensor, ids: torch.Tensor, attn: torch.Tensor,
                 expand: torch.Tensor | None = None, shared: bool = False) -> torch.Tensor:

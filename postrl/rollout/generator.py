@@ -283,16 +283,21 @@ class Generator:
         uniforms = (torch.rand(len(prompts), params.max_new_tokens, generator=rng, device=device)
                     if self.continuous_batching and params.temperature > 0 else None)
         fused = self.fused_decoder()
-        if fused is not None and self.continuous_batching:
-            out = Generation(prompts, *self._fused_loop(fused, prompts, params, rng, uniforms, device, chunk))
-        else:
-            parts = []
-            for i in range(0, len(prompts), chunk):
-                u = uniforms[i:i + chunk] if uniforms is not None else None
-                fields = (self._fused_loop(fused, prompts[i:i + chunk], params, rng, u, device, chunk)
-                          if fused is not None else self._generate_chunk(prompts[i:i + chunk], params, rng, device, u))
-                parts.append(Generation(prompts[i:i + chunk], *fields))
-            out = parts[0] if len(parts) == 1 else Generation.concat(parts, self.pad_id)
+        try:
+            if fused is not None and self.continuous_batching:
+                out = Generation(prompts, *self._fused_loop(fused, prompts, params, rng, uniforms, device, chunk))
+            else:
+                parts = []
+                for i in range(0, len(prompts), chunk):
+                    u = uniforms[i:i + chunk] if uniforms is not None else None
+                    fields = (self._fused_loop(fused, prompts[i:i + chunk], params, rng, u, device, chunk)
+                              if fused is not None
+                              else self._generate_chunk(prompts[i:i + chunk], params, rng, device, u))
+                    parts.append(Generation(prompts[i:i + chunk], *fields))
+                out = parts[0] if len(parts) == 1 else Generation.concat(parts, self.pad_id)
+        finally:
+            if fused is not None:
+                fused.release()  # the prepacked weight copies: the update does not need them
         out.prompt_ids = [list(p) for p in prompts]
         return out
 
