@@ -52,6 +52,9 @@ def main() -> None:
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
+    from postrl.run.memory import keep_freed_memory
+
+    keep_freed_memory()  # as `postrl train` does: freed buffers stay mapped (no page faults on re-use)
     from postrl.models.loading import load_model_and_tokenizer
     from postrl.rollout.generator import Generator, SamplingParams
 

@@ -197,7 +197,9 @@ class KVCache:
 
     def prefix_layout(self) -> tuple[int, int, torch.Tensor]:
         """How rows map onto the blocks of the shared-prompt attention: ``(n, m, slot_pos)``, n prompts of at
-        most m rows each, row b at ``slot_pos[b] = pref[b] * m + (its rank among the rows of its prompt)``."""
+        most m rows each, row b at ``slot_pos[b] = pref[b] * m + (its rank among the rows of its prompt)``;
+        ``slot_pos`` is None when that is the identity (m rows per prompt, in prompt order: GRPO's layout
+        before any row leaves), so that the rows are the blocks without a copy."""
         if self._layout is None or self._layout[0] is not self.pref:
             n = self.pk.shape[1]
             counts = torch.bincount(self.pref, minlength=n)
@@ -206,7 +208,10 @@ class KVCache:
             starts = counts.cumsum(0) - counts
             rank = torch.empty_like(self.pref)
             rank[order] = torch.arange(len(order), device=order.device) - starts[self.pref[order]]
-            self._layout = (self.pref, n, m, self.pref * m + rank)
+            slot_pos = self.pref * m + rank
+            if n * m == len(slot_pos) and bool((slot_pos == torch.arange(n * m, device=slot_pos.device)).all()):
+                slot_pos = None
+            self._layout = (self.pref, n, m, slot_pos)
         return self._layout[1:]
 
     @property
@@ -479,8 +484,11 @@ class FusedLlama:
         cache to float rounding (softmax in float32, as :meth:`_attend`)."""
         B, kv, g, d = q.shape
         n, m, slot_pos = layout
-        blocks = q.new_zeros((n * m, kv, g, d))
-        blocks[slot_pos] = q
+        if slot_pos is None:  # row b is slot b
+            blocks = q
+        else:
+            blocks = q.new_zeros((n * m, kv, g, d))
+            blocks[slot_pos] = q
         blocks = blocks.view(n, m, kv, g, d).transpose(1, 2).reshape(n, kv, m * g, d)
         sp = torch.matmul(blocks, pk.transpose(-1, -2)).float().mul_(self.scale).add_(pmask)  # [n, kv, m*g, P]
         mp = sp.amax(-1, keepdim=True)
@@ -489,7 +497,8 @@ class FusedLlama:
         op = torch.matmul(ep.to(q.dtype), pv)  # [n, kv, m * g, d]
 
         def rows(t):  # block layout [n, kv, m * g, x] -> the rows' [B, kv, g, x]
-            return t.view(n, kv, m, g, t.shape[-1]).transpose(1, 2).reshape(n * m, kv, g, t.shape[-1])[slot_pos]
+            t = t.view(n, kv, m, g, t.shape[-1]).transpose(1, 2).reshape(n * m, kv, g, t.shape[-1])
+            return t if slot_pos is None else t[slot_pos]
 
         op, mp, zp = rows(op), rows(mp), rows(zp)
         ss = torch.matmul(q, k.transpose(-1, -2)).float().mul_(self.scale).add_(mask)  # [B, kv, g, s]
