@@ -18,6 +18,7 @@ from torch import nn
 from transformers import (DynamicCache, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
                           MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
+from postrl.models import fast_llama
 from postrl.models.fast_llama import FusedLlama, prepack_available, supports, unsupported_reason
 from postrl.rollout.generator import Generator, SamplingParams
 
@@ -120,12 +121,13 @@ def test_shared_prompt_attention_equals_per_row_caches(family):
 
 @pytest.mark.skipif(not prepack_available(), reason="this torch build has no oneDNN prepacked linear")
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_prepacked_linear_layers_equal_f_linear_and_follow_weight_updates(family):
-    """The oneDNN path (weights reordered once per generate) is on by default for a float32 CPU model and gives
-    F.linear's logits; after an in-place weight update, refresh() packs the new weights (a stale packed copy
-    would keep the old logits); release() frees the copies."""
+def test_prepacked_linear_layers_equal_f_linear_and_follow_weight_updates(family, monkeypatch):
+    """The oneDNN path (weights reordered once per generate; by default for float32 CPU models from
+    PREPACK_MIN_HIDDEN up) gives F.linear's logits; after an in-place weight update, refresh() packs the new
+    weights (a stale packed copy would keep the old logits); release() frees the copies."""
     model = _tiny(family)
-    packed, plain = FusedLlama(model), FusedLlama(model, prepack=False)
+    assert not FusedLlama(model).prepack  # hidden size 64: F.linear is faster there
+    packed, plain = FusedLlama(model, prepack=True), FusedLlama(model, prepack=False)
     assert packed.prepack and not plain.prepack
     assert packed._head_packed is not None and "qkv_p" in packed._fused[0] and "qkv_p" not in plain._fused[0]
     ids, attn = _left_pad(PROMPTS)
@@ -152,6 +154,7 @@ def test_prepacked_linear_layers_equal_f_linear_and_follow_weight_updates(family
     assert packed._head_packed is None and "qkv_p" not in packed._fused[0]
     with torch.inference_mode():
         assert torch.allclose(run(packed), after, atol=1e-5, rtol=0)  # released: F.linear on the same weights
+    monkeypatch.setattr(fast_llama, "PREPACK_MIN_HIDDEN", 64)  # the default for this model's size
     gen = Generator(model, [EOS], PAD, decode="fused")
     gen.generate([[5, 6, 7]], SamplingParams(max_new_tokens=3), seed=0)
     assert gen._fused.prepack and gen._fused._head_packed is None  # freed after the generate
