@@ -97,7 +97,10 @@ def supports(model) -> str | None:
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' LlamaRMSNorm: normalise in float32, scale in the input dtype."""
+    """transformers' LlamaRMSNorm: normalise in float32, scale in the input dtype (float32: torch's fused
+    ``rms_norm``, the same arithmetic in one kernel instead of five)."""
+    if x.dtype == torch.float32 and weight.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
@@ -376,19 +379,23 @@ class FusedLlama:
 
     # ----- forward ------------------------------------------------------------------------------------------
 
-    def _qkv(self, layer, f, x):
-        """x [..., D] -> q [..., H, d], k / v [..., kv, d] (q/k norms of Qwen3 applied)."""
+    def _qkv(self, layer, f, x, cos, sin):
+        """x [..., D] -> q [..., H, d], k / v [..., kv, d], q and k rotated by ``cos / sin`` (broadcast over the
+        heads); Qwen3's q/k norms applied before the rotation. Without q/k norms, q and k are adjacent columns of
+        the fused product and are rotated as one tensor."""
         a = _rms(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
         qkv = _linear(a, f["qkv_w"], f["qkv_b"], f.get("qkv_p"))
         hq, hk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        q = qkv[..., :hq].unflatten(-1, (self.n_heads, self.head_dim))
-        k = qkv[..., hq:hq + hk].unflatten(-1, (self.n_kv, self.head_dim))
         v = qkv[..., hq + hk:].unflatten(-1, (self.n_kv, self.head_dim))
         if self.family == "qwen3":
             an = layer.self_attn
-            q = _rms(q, an.q_norm.weight, an.q_norm.variance_epsilon)
-            k = _rms(k, an.k_norm.weight, an.k_norm.variance_epsilon)
-        return q, k, v
+            q = _rms(qkv[..., :hq].unflatten(-1, (self.n_heads, self.head_dim)), an.q_norm.weight,
+                     an.q_norm.variance_epsilon)
+            k = _rms(qkv[..., hq:hq + hk].unflatten(-1, (self.n_kv, self.head_dim)), an.k_norm.weight,
+                     an.k_norm.variance_epsilon)
+            return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+        qk = _rotate(qkv[..., :hq + hk].unflatten(-1, (self.n_heads + self.n_kv, self.head_dim)), cos, sin)
+        return qk[..., :self.n_heads, :], qk[..., self.n_heads:, :], v
 
     def _finish_layer(self, layer, f, x, attn_out):
         """Residual after attention (o_proj), then the SiLU MLP and its residual."""
@@ -433,9 +440,8 @@ class FusedLlama:
             cache.grow(P)  # columns [span, P) of the other rows become readable: keep them finite
         for i, layer in enumerate(self.layers):
             f = self._fused[i]
-            q, k, v = self._qkv(layer, f, x)  # [n, P, heads, d]
-            q = _rotate(q, cos, sin).transpose(1, 2)
-            k = _rotate(k, cos, sin).transpose(1, 2)
+            q, k, v = self._qkv(layer, f, x, cos, sin)  # [n, P, heads, d]
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
             v = v.transpose(1, 2)
             if shared:
                 cache.pk[i] = k
@@ -523,8 +529,7 @@ class FusedLlama:
         B = x.shape[0]
         for i, layer in enumerate(self.layers):
             f = self._fused[i]
-            q, k, v = self._qkv(layer, f, x)  # [B, heads, d]
-            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            q, k, v = self._qkv(layer, f, x, cos, sin)  # [B, heads, d]
             ck, cv = keys[i], values[i]
             ck[rows, :, end] = k
             cv[rows, :, end] = v
