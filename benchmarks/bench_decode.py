@@ -165,16 +165,18 @@ def main() -> None:
     L = args.grpo_prompt_len
     grpo_prompts = [[lo + (i + j // group) % (hi - lo) for i in range(L)] for j in range(B)]
     from postrl.models import fast_llama
+    default_min_hidden = fast_llama.PREPACK_MIN_HIDDEN
     for decode, kw, prepack in (("transformers", {}, False), ("fused", {"shared_prompt_attention": False}, True),
                                 ("fused", {"shared_prompt_attention": True}, False),
                                 ("fused", {"shared_prompt_attention": True}, True)):
-        available = fast_llama.prepack_available()
-        fast_llama._PREPACK_OK = available and prepack  # the default where oneDNN has it; off: F.linear
+        # the default (prepacked where oneDNN has it and the model is large enough), or F.linear for every size
+        fast_llama.PREPACK_MIN_HIDDEN = default_min_hidden if prepack else 1 << 62
         dt, n, _ = timed(decode, [-1], grpo_prompts, long_params, **kw)
-        fast_llama._PREPACK_OK = available
+        fast_llama.PREPACK_MIN_HIDDEN = default_min_hidden
+        packed = prepack and fast_llama.prepack_available() and cfg.hidden_size >= default_min_hidden
         how = decode + ("" if not kw else ", shared prompt attention" if kw["shared_prompt_attention"]
                         else ", prompt copied per row")
-        how += "" if decode == "transformers" else ", prepacked oneDNN linear" if prepack and available else ", F.linear"
+        how += "" if decode == "transformers" else ", prepacked oneDNN linear" if packed else ", F.linear"
         print(f"postrl Generator decode={how}, GRPO shape {B // group} {L}-token prompts x {group} copies x "
               f"{args.grpo_tokens} tokens (batch {B} every step): {dt:.2f} s for {n} tokens = {n / dt:.0f} tokens/s "
               f"= {100 * n / dt / limit:.1f}% of the limit (prefill of {L * B // group} prompt tokens included)")

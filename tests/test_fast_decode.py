@@ -132,8 +132,17 @@ def test_prepacked_linear_layers_equal_f_linear_and_follow_weight_updates(family
     assert packed._head_packed is not None and "qkv_p" in packed._fused[0] and "qkv_p" not in plain._fused[0]
     ids, attn = _left_pad(PROMPTS)
     B = len(PROMPTS)
+    packed_products = []
+    real_linear = fast_llama._linear
+
+    def spy(x, w, b, packed_w):
+        packed_products.append(packed_w is not None)
+        return real_linear(x, w, b, packed_w)
+
+    monkeypatch.setattr(fast_llama, "_linear", spy)
 
     def run(fused):
+        packed_products.clear()
         cache = fused.new_cache(B, ids.shape[1] + 4)
         out = [fused.prefill(cache, torch.arange(B), ids, attn)]
         for t in range(3):
@@ -142,7 +151,9 @@ def test_prepacked_linear_layers_equal_f_linear_and_follow_weight_updates(family
 
     with torch.inference_mode():
         before = run(packed)
+        assert packed_products and all(packed_products)  # every product of the packed decoder used its copy
         assert before.abs().max() > 0.1 and torch.allclose(before, run(plain), atol=1e-5, rtol=0)
+        assert not any(packed_products)  # ... and none of the plain one's
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(torch.randn_like(p) * 0.05)

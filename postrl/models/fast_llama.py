@@ -38,6 +38,8 @@ through the transformers forward instead.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -112,38 +114,32 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
-_PREPACK_OK: bool | None = None
 # below this hidden size the packed product is not faster (2-core CPU, 2 threads, [rows x h] x [h x 3h]: at h = 128
 # 58 vs 65 us for 64 rows, at h = 256 221 vs 183 us, at h = 512 1007 vs 553 us), so tiny models keep F.linear
 PREPACK_MIN_HIDDEN = 256
+_PACK_ROWS_HINT = 64  # the decode batch the blocking is chosen for (any number of rows is computed)
 
 
+@functools.cache
 def prepack_available() -> bool:
     """Whether this torch build has oneDNN's prepacked linear (``torch.ops.mkldnn._reorder_linear_weight`` and
     ``_linear_pointwise``, the kernels Inductor uses for CPU linear layers) and it computes ``F.linear``:
     checked once per process on a small product."""
-    global _PREPACK_OK
-    if _PREPACK_OK is None:
-        try:
-            ok = torch.backends.mkldnn.is_available()
-            if ok:
-                with torch.no_grad():
-                    g = torch.Generator().manual_seed(0)
-                    x, w, b = (torch.randn(3, 8, generator=g), torch.randn(5, 8, generator=g),
-                               torch.randn(5, generator=g))
-                    packed = torch.ops.mkldnn._reorder_linear_weight(w, 3)
-                    y = torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
-                    ok = bool(torch.allclose(y, F.linear(x, w, b), atol=1e-5))
-        except (AttributeError, RuntimeError):
-            ok = False
-        _PREPACK_OK = ok
-    return _PREPACK_OK
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(0)
+            x, w, b = torch.randn(3, 8, generator=g), torch.randn(5, 8, generator=g), torch.randn(5, generator=g)
+            y = torch.ops.mkldnn._linear_pointwise(x, _pack(w), b, "none", [], "")
+            return bool(torch.allclose(y, F.linear(x, w, b), atol=1e-5))
+    except (AttributeError, RuntimeError):
+        return False
 
 
-def _pack(w: torch.Tensor, rows_hint: int) -> torch.Tensor:
-    """``w [out, in]`` reordered into oneDNN's blocked layout for products with ``rows_hint``-row inputs (the
-    hint picks the blocking; any number of rows is computed)."""
-    return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), rows_hint)
+def _pack(w: torch.Tensor) -> torch.Tensor:
+    """``w [out, in]`` reordered into oneDNN's blocked layout."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), _PACK_ROWS_HINT)
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, packed: torch.Tensor | None) -> torch.Tensor:
@@ -285,7 +281,8 @@ class FusedLlama:
 
     ``prepack``: run the linear layers through oneDNN with weights reordered by :meth:`refresh` (see the
     module docstring). ``None`` (default): on for a float32 model on CPU with a hidden size of at least
-    ``PREPACK_MIN_HIDDEN`` when :func:`prepack_available`, and not with ``compile``. The packed copies hold as much memory as the weights until :meth:`release`.
+    ``PREPACK_MIN_HIDDEN`` when :func:`prepack_available`, and not with ``compile``. The packed copies hold
+    as much memory as the weights until :meth:`release`.
     """
 
     def __init__(self, model, compile: bool = False, prepack: bool | None = None):
@@ -345,11 +342,10 @@ class FusedLlama:
                 _cat_into(f, "gu_b", [b if b is not None else w.new_zeros(w.shape[0]) for b, w in ((gb, gw), (ub, uw))]
                           if gb is not None or ub is not None else None)
                 if self.prepack:
-                    f["qkv_p"], f["gu_p"] = _pack(f["qkv_w"], 64), _pack(f["gu_w"], 64)
-                    f["o_p"] = _pack(layer.self_attn.o_proj.weight, 64)
-                    f["down_p"] = _pack(layer.mlp.down_proj.weight, 64)
+                    f["qkv_p"], f["gu_p"] = _pack(f["qkv_w"]), _pack(f["gu_w"])
+                    f["o_p"], f["down_p"] = _pack(layer.self_attn.o_proj.weight), _pack(layer.mlp.down_proj.weight)
             if self.prepack:
-                self._head_packed = _pack(self.model.get_output_embeddings().weight, 64)
+                self._head_packed = _pack(self.model.get_output_embeddings().weight)
 
     def release(self) -> None:
         """Free the prepacked weight copies (after a generation: the update does not need them, and
