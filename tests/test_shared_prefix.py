@@ -75,16 +75,21 @@ def test_shared_prefix_logprobs_entropy_and_gradients_equal_the_plain_forward(ti
 def test_shared_prefix_runs_each_distinct_prompt_once(tiny):
     model, tok = tiny
     ids, mask = _completions(model.config.vocab_size)
-    shapes = []
+    shapes, head_positions = [], []
     hook = model.get_decoder().register_forward_pre_hook(
         lambda m, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    head_hook = model.get_output_embeddings().register_forward_pre_hook(
+        lambda m, args: head_positions.append(args[0].shape[1]))
     try:
         with torch.no_grad():
             completion_logprobs(model, PROMPTS, ids, mask, tok.pad_token_id)
     finally:
         hook.remove()
+        head_hook.remove()
     # the 3 distinct prompts (longest 5 tokens), then the 7 completions of width 5 on the copied cache
     assert shapes == [(3, 5), (7, 5)]
+    # the LM head sees only the prompts' last positions (lengths 3, 2, 5: 3 distinct), then the completions
+    assert head_positions == [3, 5]
 
 
 def test_shared_prefix_values_and_gradients_equal_the_plain_forward(tiny):
