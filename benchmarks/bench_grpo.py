@@ -297,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
                          "seq_mean_token_mean=grpo)")
     ap.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda")
     ap.add_argument("--no-sweep", action="store_true", help="skip the tiny-model scaling sweep")
+    ap.add_argument("--equal-lengths", action="store_true",
+                    help="every completion runs to the token budget in both libraries (EOS held back: postrl "
+                         "rollout.min_new_tokens, TRL generation_kwargs min_new_tokens), so that every step of "
+                         "the main configuration compares equal work")
     ap.add_argument("--postrl-only", action="store_true", help="run postrl alone (for quick A/B of levers)")
     ap.add_argument("--with-baseline", action="store_true",
                     help="also interleave postrl with its speed levers off (DynamicCache, torch.multinomial, no shared prefill, "
@@ -340,9 +344,12 @@ def main(argv: list[str] | None = None) -> int:
 
     prompts, n, tokens = (4, 4, 32) if args.quick else (8, 8, 128)
     spec = base_spec(args, "main", model_path, work, prompts_per_step=prompts, n=n, max_new_tokens=tokens,
+                     min_new_tokens=tokens if args.equal_lengths else 0,
                      micro_batch_size=min(8, prompts * n), warmup=warmup, steps=steps, postrl_overrides=overrides)
     spec_text = (f"SmolLM2-135M-Instruct fp32, {args.device}, {args.threads} threads, reasoning-gym "
-                 f"{TASK['task']}, {prompts} prompts x {n} completions, <= {tokens} new tokens, temperature 1.0, "
+                 f"{TASK['task']}, {prompts} prompts x {n} completions, "
+                 f"{f'exactly {tokens} new tokens (EOS held back)' if args.equal_lengths else f'<= {tokens} new tokens'}"
+                 ", temperature 1.0, "
                  f"one optimizer step per rollout batch, micro batch {spec['micro_batch_size']}, KL coef 0, "
                  f"lr {args.lr}, loss {args.loss_agg} (TRL loss_type "
                  f"{ {'token_mean': 'dapo', 'seq_mean_token_mean': 'grpo'}[args.loss_agg]}), seed {args.seed}")

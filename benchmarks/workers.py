@@ -71,7 +71,8 @@ def bench_config(spec: dict[str, Any]):
         "data": {"source": "reasoning_gym", "task": spec["task"], "task_kwargs": spec["task_kwargs"],
                  "train_size": spec["train_size"], "eval_size": 10, "system_prompt": spec["system_prompt"],
                  "answer_extraction": spec["answer_extraction"]},
-        "rollout": {"n": spec["n"], "max_new_tokens": spec["max_new_tokens"], "temperature": spec["temperature"]},
+        "rollout": {"n": spec["n"], "max_new_tokens": spec["max_new_tokens"], "temperature": spec["temperature"],
+                    "min_new_tokens": spec.get("min_new_tokens", 0)},
         "scoring": {"workers": 0},  # rewards in-process, as TRL computes them
         "algo": {"advantage": "grpo", "policy_loss": "ppo_clip", "loss_agg": spec["postrl_loss_agg"],
                  "clip_eps_low": 0.2, "clip_eps_high": 0.2, "kl_coef": 0.0},
@@ -221,6 +222,7 @@ def run_trl(spec: dict[str, Any], chan: Channel) -> None:
         max_steps=spec["total_steps"], logging_steps=1, save_strategy="no", report_to="none",
         seed=spec["seed"], shuffle_dataset=False, use_cpu=spec["device"] == "cpu", dataloader_num_workers=0,
         log_completions=False, disable_tqdm=True,
+        generation_kwargs={"min_new_tokens": spec["min_new_tokens"]} if spec.get("min_new_tokens") else None,
     )
 
     class LockStep(TrainerCallback):

@@ -149,7 +149,8 @@ class FakeServer:
         eos = sorted(set(eos_token_ids(model, tok)) | set(body.get("stop_token_ids") or []))
         gen = Generator(model, eos, tok.pad_token_id if tok.pad_token_id is not None else eos[0])
         params = SamplingParams(int(body.get("max_tokens", 16)), float(body.get("temperature", 1.0)),
-                                float(body.get("top_p", 1.0)), max(0, int(body.get("top_k", 0) or 0)))
+                                float(body.get("top_p", 1.0)), max(0, int(body.get("top_k", 0) or 0)),
+                                int(body.get("min_tokens", 0) or 0))
         out = gen.generate([list(prompt)], params, seed=body.get("seed"))
         n = int(out.completion_mask[0].sum())
         ids = out.completion_ids[0, :n].tolist()

@@ -405,6 +405,8 @@ def test_load_config_from_a_path_with_overrides(tmp_path: Path) -> None:
         (["algo.advantage=gfpo", "algo.gfpo_k=1"], ["algo.gfpo_k", "rollout.n"]),
         (["algo.advantage=rloo", "algo.adv_std_unbiased=true"], ["algo.adv_std_unbiased", "algo.advantage=grpo"]),
         (["algo.adv_std_unbiased=true", "algo.adv_std_scope=none"], ["algo.adv_std_unbiased", "algo.adv_std_scope"]),
+        (["rollout.min_new_tokens=65"], ["rollout.min_new_tokens", "rollout.max_new_tokens=64"]),
+        (["env.name=countdown", "rollout.min_new_tokens=2"], ["rollout.min_new_tokens", "env.name"]),
     ],
 )
 def test_incompatible_rl_combination_is_refused_naming_both_settings(overrides: list[str], settings: list[str]) -> None:

@@ -75,6 +75,41 @@ def test_finished_sequences_stop_and_are_masked(tiny):
         assert out.completion_ids[i, :n].tolist() == free.completion_ids[i, :n].tolist()
 
 
+@pytest.mark.parametrize("how", [{"decode": "transformers"}, {"decode": "fused"},
+                                 {"decode": "fused", "continuous_batching": True}])
+def test_min_new_tokens_holds_back_eos_and_keeps_the_policys_logprobs(tiny, how):
+    model, tok, _ = tiny
+    prompts = _ids(tok, PROMPTS) * 3
+    base = Generator(model, tok.eos_token_id, tok.pad_token_id)
+    free = base.generate(prompts, SamplingParams(max_new_tokens=6, temperature=0.0))
+    # the first greedy tokens of the prompts are end-of-sequence ids: every greedy row would end at once
+    eos = sorted({tok.eos_token_id} | {int(t) for t in free.completion_ids[:, 0]})
+    gen = Generator(model, eos, tok.pad_token_id, **how)
+    batch = 5 if how.get("continuous_batching") else 0
+    greedy = gen.generate(prompts, SamplingParams(max_new_tokens=6, temperature=0.0), batch_size=batch)
+    assert (greedy.lengths == 1).all()
+    held = gen.generate(prompts, SamplingParams(max_new_tokens=6, temperature=0.0, min_new_tokens=4),
+                        batch_size=batch)
+    assert (held.lengths >= 4).all()
+    assert not torch.isin(held.completion_ids[:, :4], torch.tensor(eos)).any()
+    sampled = gen.generate(prompts, SamplingParams(max_new_tokens=6, temperature=1.3, min_new_tokens=5), seed=2,
+                           batch_size=batch)
+    assert (sampled.lengths >= 5).all()
+    assert not torch.isin(sampled.completion_ids[:, :5], torch.tensor(eos)).any()
+    # the recorded log-probs are the policy's own (EOS not removed), as the trainer's forward computes them
+    with torch.no_grad():
+        lp, ent = completion_logprobs(model, prompts, sampled.completion_ids, sampled.completion_mask,
+                                      tok.pad_token_id, temperature=1.3, with_entropy=True)
+    m = sampled.completion_mask.bool()
+    assert (lp[m] - sampled.logprobs[m]).abs().max() < 1e-5
+    assert (ent[m] - sampled.entropy[m]).abs().max() < 1e-4
+
+
+def test_min_new_tokens_above_max_new_tokens_is_refused():
+    with pytest.raises(ValueError, match="min_new_tokens=9 must be in \\[0, max_new_tokens=8\\]"):
+        SamplingParams(max_new_tokens=8, min_new_tokens=9)
+
+
 def test_chunked_greedy_equals_unchunked(tiny):
     _, tok, gen = tiny
     prompts = _ids(tok, PROMPTS)

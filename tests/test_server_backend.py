@@ -97,6 +97,23 @@ def test_sampled_logprobs_equal_trainer_forward(model_and_tok, fake):
         b.close()
 
 
+def test_min_new_tokens_reaches_the_server_as_min_tokens(model_and_tok, fake):
+    model, tok = model_and_tok
+    ps = prompts(tok, 6)
+    free = build_backend("torch", model, tok).generate(ps, SamplingParams(8, temperature=0.0))
+    first = int(free.completion_ids[0, 0])  # row 0's first greedy token, made an end-of-sequence id below
+    b = backend(model, tok, [fake().url])
+    try:
+        b.eos = b.eos | {first}  # the request's stop_token_ids
+        early = b.generate(ps, SamplingParams(8, temperature=0.0))
+        held = b.generate(ps, SamplingParams(8, temperature=0.0, min_new_tokens=3))
+        assert int(early.lengths[0]) == 1  # ends at once without min_tokens
+        assert (held.lengths >= 3).all()
+        assert not torch.isin(held.completion_ids[:, :3], torch.tensor(sorted(b.eos))).any()
+    finally:
+        b.close()
+
+
 def test_round_robin_over_two_servers(model_and_tok, fake):
     model, tok = model_and_tok
     s1, s2 = fake(), fake()

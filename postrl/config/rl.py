@@ -41,6 +41,9 @@ class RolloutConfig:
     """Completions per prompt (= group size for group-relative advantages)."""
     max_new_tokens: int = 64
     """Maximum generated tokens per completion."""
+    min_new_tokens: int = 0
+    """End-of-sequence ids cannot be sampled before this many tokens (HF min_new_tokens, vLLM min_tokens);
+    0 = off. Changes the sampling distribution only, like top_p / top_k; single-turn rollouts."""
     temperature: float = 1.0
     """Sampling temperature (> 0)."""
     top_p: float = 1.0
@@ -96,6 +99,8 @@ class RolloutConfig:
         p.check(self.n >= 2, "rollout.n", self.n,
                 "group-relative advantages need at least 2 completions per prompt, so use >= 2")
         p.at_least("rollout.max_new_tokens", self.max_new_tokens, 1)
+        p.check(0 <= self.min_new_tokens <= self.max_new_tokens, "rollout.min_new_tokens", self.min_new_tokens,
+                f"must be in [0, rollout.max_new_tokens={self.max_new_tokens}] (0 = off)")
         p.check(self.temperature > 0, "rollout.temperature", self.temperature, "must be > 0")
         p.check(0 < self.top_p <= 1, "rollout.top_p", self.top_p, "must be in (0, 1]")
         p.at_least("rollout.top_k", self.top_k, 0, " (0 = off)")
@@ -434,6 +439,9 @@ class AlgoConfig:
             (bool(env and env.name) and self.overlong_buffer > 0,
              "algo.overlong_buffer shapes single completions by length; with env.name (multi-turn episodes) limit "
              "episodes with env.max_episode_tokens instead."),
+            (bool(env and env.name) and cfg.rollout.min_new_tokens > 0,
+             "rollout.min_new_tokens keeps single completions from ending early; with env.name (multi-turn "
+             "episodes) a turn ends by the environment's rules: leave rollout.min_new_tokens at 0."),
         ]
         for bad, message in refused:
             if bad:

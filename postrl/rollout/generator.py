@@ -102,6 +102,21 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
+    min_new_tokens: int = 0
+    """End-of-sequence ids cannot be sampled before this many tokens (HF ``min_new_tokens``, vLLM
+    ``min_tokens``). Like top_k / top_p it changes the sampling distribution only: the recorded log-probs and
+    entropies are the policy's own (temperature-scaled, unmasked) distribution's."""
+
+    def __post_init__(self):
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"SamplingParams.min_new_tokens={self.min_new_tokens} must be in [0, max_new_tokens="
+                             f"{self.max_new_tokens}]")
+
+
+def sampling_params(rollout) -> SamplingParams:
+    """The :class:`SamplingParams` of a ``rollout`` config section (:class:`~postrl.config.rl.RolloutConfig`)."""
+    return SamplingParams(rollout.max_new_tokens, rollout.temperature, rollout.top_p, rollout.top_k,
+                          rollout.min_new_tokens)
 
 
 @dataclass
@@ -321,17 +336,27 @@ class Generator:
 
     def _sample(self, logits: torch.Tensor, params: SamplingParams, rng: torch.Generator,
                 uniforms: torch.Tensor | None, order: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                no_eos: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Next tokens ``[B]`` from float logits ``[B, V]``, with their log-probs and the entropies of the
         temperature-scaled distributions. ``uniforms [B]``: the rows' own random numbers (inverse-CDF
         sampler); None draws from ``rng`` in the order of the rows, or in ``order`` (row ``order[j]`` takes
-        the j-th draw) when given."""
+        the j-th draw) when given. ``no_eos [B]`` (bool): rows that may not end yet (``min_new_tokens``), whose
+        EOS ids are removed from the sampling distribution (not from the returned log-probs / entropies)."""
+        eos = self.eos.to(logits.device)
+        masked = None
+        if no_eos is not None and bool(no_eos.any()):
+            masked = logits.clone()
+            masked[:, eos] = masked[:, eos].masked_fill(no_eos[:, None], float("-inf"))
         if params.temperature > 0:
             logits = logits / params.temperature
             logp_full = torch.log_softmax(logits, dim=-1)
             p_full = logp_full.exp()
             truncate = params.top_k > 0 or params.top_p < 1.0
-            probs = filter_logits(logits, params.top_k, params.top_p).softmax(-1) if truncate else p_full
+            if masked is not None:
+                masked = masked / params.temperature
+                probs = (filter_logits(masked, params.top_k, params.top_p) if truncate else masked).softmax(-1)
+            else:
+                probs = filter_logits(logits, params.top_k, params.top_p).softmax(-1) if truncate else p_full
             if self.sampler == "inverse_cdf":
                 if uniforms is None:
                     uniforms = torch.rand(probs.shape[0], generator=rng, device=probs.device)
@@ -346,7 +371,7 @@ class Generator:
         else:
             logp_full = torch.log_softmax(logits, dim=-1)
             p_full = logp_full.exp()
-            tok = logits.argmax(-1)
+            tok = (logits if masked is None else masked).argmax(-1)
         return tok, logp_full.gather(-1, tok[:, None]).squeeze(-1), -(p_full * logp_full).sum(-1)
 
     def _fused_prefill(self, fused: FusedLlama, cache, slots: torch.Tensor, prompts, device,
@@ -427,7 +452,8 @@ class Generator:
         while True:
             steps += 1
             u = uniforms[rows, t] if uniforms is not None else None
-            tok, lp, ent = self._sample(logits.float(), params, rng, u, order)
+            no_eos = t < params.min_new_tokens if params.min_new_tokens else None
+            tok, lp, ent = self._sample(logits.float(), params, rng, u, order, no_eos)
             out_ids[rows, t] = tok
             out_mask[rows, t] = 1
             out_lp[rows, t] = lp
@@ -504,7 +530,9 @@ class Generator:
                     use_cache=True, logits_to_keep=1, **{self._cache_kw: cache},
                 ).logits[:, -1, :].float()
             steps += 1
-            tok, lp, ent = self._sample(logits, params, rng, uniforms[active, t] if uniforms is not None else None)
+            no_eos = torch.ones_like(active, dtype=torch.bool) if t < params.min_new_tokens else None
+            tok, lp, ent = self._sample(logits, params, rng, uniforms[active, t] if uniforms is not None else None,
+                                        no_eos=no_eos)
             out_ids[active, t] = tok
             out_mask[active, t] = 1
             out_lp[active, t] = lp

@@ -447,6 +447,7 @@ class OpenAIServerBackend:
             "model": self.adapter_name or self.served_model_name,
             "prompt": [int(t) for t in prompt],
             "max_tokens": int(params.max_new_tokens),
+            "min_tokens": int(params.min_new_tokens),
             "temperature": 0.0 if greedy else float(params.temperature),
             "top_p": 1.0 if greedy else float(params.top_p),
             "top_k": 0 if greedy else int(params.top_k),

@@ -337,7 +337,7 @@ class PreferenceTrainer(Job):
     def build_round(self, rnd: int) -> dict[str, Any]:
         """Sample, score and pair the completions of one online round; reference log-probs of its pairs."""
         from postrl.data import build_messages, render_prompt
-        from postrl.rollout.generator import SamplingParams
+        from postrl.rollout.generator import sampling_params
 
         cfg, pf, r = self.cfg, self.cfg.preference, self.cfg.rollout
         rng = random.Random(step_seed(cfg.run.seed, rnd))
@@ -348,8 +348,7 @@ class PreferenceTrainer(Job):
             ids = render_prompt(self.tokenizer, build_messages(smp, cfg.data.system_prompt, cfg.data.prompt_template))
             prompts.append(ids[max(0, len(ids) - pf.max_prompt_length):])
         rep = [p for p in prompts for _ in range(r.n)]
-        gen = self.backend.generate(rep, SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k),
-                                      seed=step_seed(cfg.run.seed, rnd), batch_size=r.batch_size)
+        gen = self.backend.generate(rep, sampling_params(r), seed=step_seed(cfg.run.seed, rnd), batch_size=r.batch_size)
         comps = [gen.completion_ids[i, :int(gen.completion_mask[i].sum())].tolist() for i in range(len(rep))]
         texts = self.tokenizer.batch_decode(comps, skip_special_tokens=True)
         prompt_texts = self.tokenizer.batch_decode(rep, skip_special_tokens=False)

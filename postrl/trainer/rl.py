@@ -50,7 +50,7 @@ from postrl.models.value import ValueHead, ValueModel
 from postrl.rewards import RewardContext, RewardPipeline, check_reward_kwargs, resolve_reward
 from postrl.rollout.backend import TorchBackend, backend_from_config, build_backend
 from postrl.rollout.batch import RolloutBatch
-from postrl.rollout.generator import Generation, SamplingParams
+from postrl.rollout.generator import Generation, SamplingParams, sampling_params
 from postrl.rollout.selection import guide_failed_groups, luffy_rollout, speed_rollout
 from postrl.run import Job, StepOutput, TrainingError, run_job
 from postrl.run import distributed
@@ -370,9 +370,8 @@ class RLTrainer(Job):
         n = n or r.n
         group = [s for s in samples for _ in range(n)]
         if gen is None:
-            gen = self.backend.generate([self.render(s) for s in group],
-                                        SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k),
-                                        seed=seed, batch_size=r.batch_size)
+            gen = self.backend.generate([self.render(s) for s in group], sampling_params(r), seed=seed,
+                                        batch_size=r.batch_size)
             self.ledger.generated(len(group), int(gen.lengths.sum()))
         texts, res, rewards = self._score(gen, group, n)
         batch = RolloutBatch.from_generation(gen, group, [self.prompt_text(p) for p in gen.prompt_ids], texts, n,
