@@ -9,10 +9,10 @@ same step's linear layers measured alone (per layer: q, k, v, o, gate, up, down 
 and the LM head), each as GFLOP/s; postrl's fused decode step (postrl/models/fast_llama.py) at the same
 shapes (and its torch.compile'd variant with --compile); postrl's Generator on B distinct 50-token prompts
 x 32 tokens (prefill included) with the transformers forward and with the fused one, as tokens/s and as
-a share of the FLOP-bound limit (2048^2 matmul throughput / FLOPs per token, as in BENCHMARKS.md); the same
-in GRPO's shape (B/8 distinct prompts x 8 copies, each prompt prefilled once, 128 tokens per row, no EOS, so
-the batch stays at B; the limit keeps the 50-token context of the FLOP count, which understates the FLOPs of
-the longer contexts and so the share); and
+a share of the FLOP-bound limit (2048^2 matmul throughput / FLOPs per generated token, with n_ctx = prompt
+length + half the new tokens, as bench_grpo.py counts; in parentheses the share when the FLOPs of prefilling the
+distinct prompts are counted as well); the same in GRPO's shape (B/8 distinct prompts x 8 copies, each prompt
+prefilled once, 128 tokens per row, no EOS, so the batch stays at B); and
 continuous batching: 4B prompts through a decode batch of B, with a few frequent tokens as extra EOS ids
 so that completions end at different steps, chunked vs refilled.
 """
@@ -130,16 +130,29 @@ def main() -> None:
             t_fused = median_time(lambda: fused.decode(cache, tokens))  # the cache grows by 1 token per call
             print(f"fused decode step ({label}), B={B}: {t_fused * 1e3:.1f} ms = {B / t_fused:.0f} tokens/s "
                   f"({t_step / t_fused:.2f}x the model's step)")
-    # FLOP-bound limit as in BENCHMARKS.md: 2 (N_nonembed + N_lm_head) + 2 n_layer n_ctx d_attn per token, n_ctx=50
+    # FLOP-bound limit as bench_grpo.py and BENCHMARKS.md count it: 2 (N_nonembed + N_lm_head) + 2 n_layer n_ctx
+    # d_attn FLOPs per generated token, n_ctx = prompt length + half the new tokens (the mean context of a step)
     n_params = sum(p.numel() for p in model.parameters())
     n_embed = model.get_input_embeddings().weight.numel()
     n_head = head.numel()
     tied = head.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     n_nonembed = n_params - n_embed - (0 if tied else n_head)
     d_attn = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads)
-    flops_token = 2 * (n_nonembed + n_head) + 2 * n_layers * 50 * d_attn
-    limit = big * 1e9 / flops_token
-    print(f"FLOP-bound limit: {flops_token / 1e6:.1f} MFLOP per token -> {limit:.0f} generated tokens/s")
+
+    def flops_per_token(n_ctx: float) -> float:
+        return 2 * (n_nonembed + n_head) + 2 * n_layers * n_ctx * d_attn
+
+    def share(n: int, dt: float, prompt_len: int, new_tokens: int, distinct_prompts: int) -> str:
+        """``n`` tokens in ``dt`` seconds as a share of the limit; in parentheses with the prefill of the distinct
+        prompts counted as work too (its tokens at n_ctx = prompt_len / 2)."""
+        work = n * flops_per_token(prompt_len + new_tokens / 2)
+        pct = 100 * work / dt / (big * 1e9)
+        pct_all = 100 * (work + distinct_prompts * prompt_len * flops_per_token(prompt_len / 2)) / dt / (big * 1e9)
+        return f"{pct:.1f}% of the limit ({pct_all:.1f}% counting the prefill)"
+
+    limit = big * 1e9 / flops_per_token(50 + args.new_tokens / 2)
+    print(f"FLOP-bound limit: {flops_per_token(50 + args.new_tokens / 2) / 1e6:.1f} MFLOP per token "
+          f"(n_ctx {50 + args.new_tokens / 2:.0f}) -> {limit:.0f} generated tokens/s")
     prompts = [[lo + (i + j) % (hi - lo) for i in range(50)] for j in range(B)]
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0)
     def timed(decode: str, eos, batch: list[list[int]], sampling, **kw) -> tuple[float, int, int]:
@@ -153,7 +166,7 @@ def main() -> None:
     for decode in () if args.only_grpo else ("transformers", "fused"):
         dt, n, steps = timed(decode, tok.eos_token_id, prompts, params)
         print(f"postrl Generator decode={decode}, {B} distinct 50-token prompts x {args.new_tokens} tokens: "
-              f"{dt:.2f} s for {n} tokens = {n / dt:.0f} tokens/s = {100 * n / dt / limit:.1f}% of the limit "
+              f"{dt:.2f} s for {n} tokens = {n / dt:.0f} tokens/s = {share(n, dt, 50, args.new_tokens, B)} "
               f"({steps} steps; prefill of {50 * B} prompt tokens included)")
 
     # GRPO's shape: B // group distinct prompts x `group` copies (each distinct prompt prefilled once), every row
@@ -179,7 +192,8 @@ def main() -> None:
         how += "" if decode == "transformers" else ", prepacked oneDNN linear" if packed else ", F.linear"
         print(f"postrl Generator decode={how}, GRPO shape {B // group} {L}-token prompts x {group} copies x "
               f"{args.grpo_tokens} tokens (batch {B} every step): {dt:.2f} s for {n} tokens = {n / dt:.0f} tokens/s "
-              f"= {100 * n / dt / limit:.1f}% of the limit (prefill of {L * B // group} prompt tokens included)")
+              f"= {share(n, dt, L, args.grpo_tokens, B // group)} (prefill of {L * B // group} prompt tokens "
+              "included in the time)")
 
     if args.only_grpo:
         return

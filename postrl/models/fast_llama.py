@@ -108,10 +108,12 @@ def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding ``x cos + rotate_half(x) sin`` (transformers' ``apply_rotary_pos_emb``), with the sign of
+    ``rotate_half`` folded into the table: ``rotate_half(x) sin = [x2, x1] * [-sin1, sin2]`` (``sin_signed``,
+    :meth:`FusedLlama._rotary`), the same products without a negation pass."""
     half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return torch.cat((x[..., half:], x[..., :half]), dim=-1).mul_(sin_signed).add_(x * cos)
 
 
 # below this hidden size the packed product is not faster (2-core CPU, 2 threads, [rows x h] x [h x 3h]: at h = 128
@@ -356,13 +358,14 @@ class FusedLlama:
         self._head_packed = None
 
     def _rotary(self, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos / sin tables ``[>= length, head_dim]`` from the model's own rotary module (its scaling
-        included), grown by doubling."""
+        """cos / signed sin tables ``[>= length, head_dim]`` from the model's own rotary module (its scaling
+        included; the sin table's first half negated, see :func:`_rotate`), grown by doubling."""
         if self._cos is None or self._cos.shape[0] < length or self._cos.device != device:
             n = max(length, 2 * (self._cos.shape[0] if self._cos is not None else 64))
             dummy = torch.zeros(1, 1, self.head_dim, device=device, dtype=dtype)
             cos, sin = self.inner.rotary_emb(dummy, torch.arange(n, device=device)[None])
-            self._cos, self._sin = cos[0], sin[0]
+            half = self.head_dim // 2
+            self._cos, self._sin = cos[0], torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1)
         return self._cos, self._sin
 
     def new_cache(self, batch: int, capacity: int, positions: int = 0) -> KVCache:
@@ -399,7 +402,7 @@ class FusedLlama:
         x = x + _linear(attn_out, an.o_proj.weight, an.o_proj.bias, f.get("o_p"))
         a = _rms(x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
         gu = _linear(a, f["gu_w"], f["gu_b"], f.get("gu_p"))
-        h = F.silu(gu[..., :self.intermediate]) * gu[..., self.intermediate:]
+        h = F.silu(gu[..., :self.intermediate]).mul_(gu[..., self.intermediate:])
         return x + _linear(h, mlp.down_proj.weight, mlp.down_proj.bias, f.get("down_p"))
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -467,18 +470,19 @@ class FusedLlama:
         return logits if expand is None else logits[expand]
 
     def _attend(self, q, k, v, mask):
-        """Attention of ``q [B, kv, g, d]`` over ``k / v [B, kv, span, d]`` with the additive ``mask``.
+        """Attention of ``q [B, kv, g, d]`` (already multiplied by the softmax scale ``1 / sqrt(d)``) over ``k / v
+        [B, kv, span, d]`` with the additive ``mask``.
 
         On CPU as two matrix products and a softmax (in float32, as transformers' eager attention): for one
         query per row this is 2.4x faster than ``scaled_dot_product_attention``'s CPU kernel (165 vs 400 us
         per layer at SmolLM2's shapes, B=64, 2 threads); elsewhere ``scaled_dot_product_attention``."""
         if q.device.type != "cpu":
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(self.scale).add_(mask)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+        scores = torch.matmul(q, k.transpose(-1, -2)).add_(mask)
         return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(q.dtype), v)
 
     def _attend_shared(self, q, k, v, mask, pk, pv, pmask, layout):
-        """Cascade attention: ``q [B, kv, g, d]`` over its prompt's keys / values ``pk / pv [n, kv, P, d]``
+        """Cascade attention: ``q [B, kv, g, d]`` (already scaled, as in :meth:`_attend`) over its prompt's keys / values ``pk / pv [n, kv, P, d]``
         (shared by the rows of that prompt; additive mask ``pmask [n, 1, 1, P]``) and its own ``k / v
         [B, kv, s, d]`` (``mask [B, 1, 1, s]``); ``layout = (n, m, slot_pos)`` from
         :meth:`KVCache.prefix_layout`.
@@ -496,7 +500,7 @@ class FusedLlama:
             blocks = q.new_zeros((n * m, kv, g, d))
             blocks[slot_pos] = q
         blocks = blocks.view(n, m, kv, g, d).transpose(1, 2).reshape(n, kv, m * g, d)
-        sp = torch.matmul(blocks, pk.transpose(-1, -2)).float().mul_(self.scale).add_(pmask)  # [n, kv, m*g, P]
+        sp = torch.matmul(blocks, pk.transpose(-1, -2)).float().add_(pmask)  # [n, kv, m*g, P]
         mp = sp.amax(-1, keepdim=True)
         ep = sp.sub_(mp).exp_()
         zp = ep.sum(-1, keepdim=True)
@@ -507,7 +511,7 @@ class FusedLlama:
             return t if slot_pos is None else t[slot_pos]
 
         op, mp, zp = rows(op), rows(mp), rows(zp)
-        ss = torch.matmul(q, k.transpose(-1, -2)).float().mul_(self.scale).add_(mask)  # [B, kv, g, s]
+        ss = torch.matmul(q, k.transpose(-1, -2)).float().add_(mask)  # [B, kv, g, s]
         ms = ss.amax(-1, keepdim=True)
         es = ss.sub_(ms).exp_()
         zs = es.sum(-1, keepdim=True)
@@ -519,18 +523,23 @@ class FusedLlama:
 
     def _decode_layers_eager(self, x, cos, sin, rows, end, mask, keys, values, shared=None):
         """The decoder layers for one token per row: ``x [B, D]``, rotary ``cos / sin [B, 1, d]``, the rows'
-        write columns ``end [B]``, ``mask [B, 1, 1, span]``, cache views ``[layers, B, kv, span, d]`` (written
-        in place at ``end``). ``shared``: ``(pk, pv, pmask, layout)`` of a cache with shared prompts.
-        Returns the last hidden states ``[B, D]``."""
+        write columns ``end [B]`` (or one int when every row writes the same column), ``mask [B, 1, 1, span]``,
+        cache views ``[layers, B, kv, span, d]`` (written in place at ``end``). ``shared``: ``(pk, pv, pmask,
+        layout)`` of a cache with shared prompts. Returns the last hidden states ``[B, D]``."""
         B = x.shape[0]
         for i, layer in enumerate(self.layers):
             f = self._fused[i]
             q, k, v = self._qkv(layer, f, x, cos, sin)  # [B, heads, d]
             ck, cv = keys[i], values[i]
-            ck[rows, :, end] = k
-            cv[rows, :, end] = v
-            # the g query heads of one KV head as g query positions: grouped-query attention without repeat
-            qg = q.view(B, self.n_kv, self.group, self.head_dim)
+            if isinstance(end, int):  # a strided copy instead of an indexed write
+                ck[:, :, end] = k
+                cv[:, :, end] = v
+            else:
+                ck[rows, :, end] = k
+                cv[rows, :, end] = v
+            # the g query heads of one KV head as g query positions: grouped-query attention without repeat;
+            # the softmax scale applied to the queries once (fewer elements than the scores)
+            qg = (q * self.scale).view(B, self.n_kv, self.group, self.head_dim)
             o = (self._attend(qg, ck, cv, mask) if shared is None
                  else self._attend_shared(qg, ck, cv, mask, shared[0][i], shared[1][i], shared[2], shared[3]))
             x = self._finish_layer(layer, f, x, o.reshape(B, self.n_heads * self.head_dim))
@@ -541,18 +550,22 @@ class FusedLlama:
         the next-token logits ``[B, vocab]``."""
         B = tokens.shape[0]
         end, pos = cache.end, cache.pos
-        span = int(end.max()) + 1
+        lo, hi = (int(e) for e in torch.aminmax(end))
+        span = hi + 1
         cache.grow(span)
         rows = torch.arange(B, device=tokens.device)
-        cache.bias[rows, end] = 0
+        if lo == hi:  # every row writes the same column (GRPO's batches, and any batch without refills)
+            cache.bias[:, hi] = 0
+        else:
+            cache.bias[rows, end] = 0
         mask = cache.bias[:, None, None, :span]  # [B, 1, 1, span]: a view of the persistent additive mask
         shared = None
         if cache.pk is not None:
             shared = (cache.pk, cache.pv, cache.pbias[:, None, None, :], cache.prefix_layout())
         cos, sin = self._cos[pos][:, None], self._sin[pos][:, None]  # [B, 1, d]
         x = self.inner.embed_tokens(tokens)
-        x = self._decode_layers(x, cos, sin, rows, end, mask, cache.k[..., :span, :], cache.v[..., :span, :],
-                                shared)
+        x = self._decode_layers(x, cos, sin, rows, hi if lo == hi else end, mask, cache.k[..., :span, :],
+                                cache.v[..., :span, :], shared)
         cache.end = end + 1
         cache.pos = pos + 1
         return self._logits(x)

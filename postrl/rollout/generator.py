@@ -342,21 +342,23 @@ class Generator:
         sampler); None draws from ``rng`` in the order of the rows, or in ``order`` (row ``order[j]`` takes
         the j-th draw) when given. ``no_eos [B]`` (bool): rows that may not end yet (``min_new_tokens``), whose
         EOS ids are removed from the sampling distribution (not from the returned log-probs / entropies)."""
-        eos = self.eos.to(logits.device)
-        masked = None
+        masked = None  # the sampling logits with EOS held back, where some row may not end yet
         if no_eos is not None and bool(no_eos.any()):
+            eos = self.eos.to(logits.device)
             masked = logits.clone()
             masked[:, eos] = masked[:, eos].masked_fill(no_eos[:, None], float("-inf"))
         if params.temperature > 0:
-            logits = logits / params.temperature
+            if params.temperature != 1.0:  # (a pass over [B, V] that changes nothing at 1.0)
+                logits = logits / params.temperature
+                masked = masked / params.temperature if masked is not None else None
             logp_full = torch.log_softmax(logits, dim=-1)
             p_full = logp_full.exp()
             truncate = params.top_k > 0 or params.top_p < 1.0
-            if masked is not None:
-                masked = masked / params.temperature
-                probs = (filter_logits(masked, params.top_k, params.top_p) if truncate else masked).softmax(-1)
+            sampling = logits if masked is None else masked
+            if truncate:
+                probs = filter_logits(sampling, params.top_k, params.top_p).softmax(-1)
             else:
-                probs = filter_logits(logits, params.top_k, params.top_p).softmax(-1) if truncate else p_full
+                probs = p_full if masked is None else masked.softmax(-1)
             if self.sampler == "inverse_cdf":
                 if uniforms is None:
                     uniforms = torch.rand(probs.shape[0], generator=rng, device=probs.device)
