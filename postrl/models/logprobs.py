@@ -202,35 +202,11 @@ def _from_logits(logits: Tensor, completion_ids: Tensor, completion_mask: Tensor
     return token_logp * mask, entropy
 
 
-class _TokenLogprob(torch.autograd.Function):
-    """``log softmax(logits)[token]`` with its gradient written out: ``d/d logits = g (onehot(token) - softmax)``
-    (the softmax is ``exp`` of the saved log-softmax)."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, token_ids: Tensor) -> Tensor:
-        logp = torch.log_softmax(logits, dim=-1)
-        ctx.save_for_backward(logp, token_ids)
-        return logp.gather(-1, token_ids[..., None]).squeeze(-1)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        logp, token_ids = ctx.saved_tensors
-        g = grad[..., None]
-        d_logits = logp.exp().mul_(-g)
-        d_logits.scatter_add_(-1, token_ids[..., None], g)
-        return d_logits, None
-
-
 def token_logprobs(logits: Tensor, token_ids: Tensor) -> Tensor:
-    """``log softmax(logits)[token]``, differentiable in ``logits``.
+    """``log softmax(logits)[token]`` as ``logits[token] - logsumexp(logits)``.
 
-    One fused log-softmax pass forward and, backward, ``g (onehot - exp(logp))`` written into a single
-    ``[..., V]`` tensor. autograd through ``logits[token] - logsumexp(logits)`` (the previous form) made four
-    ``[..., V]`` temporaries and six passes over them; this is 2.6x faster on SmolLM2's vocabulary (8 x 128
-    tokens: 185 against 480 ms forward + backward, 2 threads) and keeps one ``[..., V]`` tensor (the log-softmax
-    instead of the logits) between forward and backward.
+    Equal to gathering from ``log_softmax`` but without materializing the ``[..., V]`` log-prob
+    tensor (nor its backward): only the logits are kept for the gradient.
     Shapes: ``logits [..., V]``, ``token_ids [...]`` -> ``[...]``.
     """
-    return _TokenLogprob.apply(logits, token_ids)
-
-
+    return logits.gather(-1, token_ids[..., None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
