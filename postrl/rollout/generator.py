@@ -345,6 +345,7 @@ class Generator:
         masked = None  # the sampling logits with EOS held back, where some row may not end yet
         if no_eos is not None and bool(no_eos.any()):
             eos = self.eos.to(logits.device)
+            eos = eos[(eos >= 0) & (eos < logits.shape[-1])]  # ids outside the vocabulary can never be sampled
             masked = logits.clone()
             masked[:, eos] = masked[:, eos].masked_fill(no_eos[:, None], float("-inf"))
         if params.temperature > 0:
