@@ -87,6 +87,29 @@ def test_fused_logits_equal_transformers_through_prefill_and_decode(family):
             assert torch.allclose(mine, ref, atol=1e-5, rtol=0)
 
 
+def test_decode_writes_a_common_column_without_an_indexed_write(llama):
+    """Rows that all write the same cache column (left-padded prompts, no refills) take the strided copy; a cache
+    whose rows end at different columns (a refilled row) takes the indexed write. Both are checked for values
+    against transformers by the tests above and the continuous-batching tests; this checks which one runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fused = FusedLlama(llama)
+    ids, attn = _left_pad(PROMPTS)
+    B = len(PROMPTS)
+
+    def index_writes(cache) -> int:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fused.decode(cache, torch.full((B,), 5))
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::index_put_")
+
+    with torch.inference_mode():
+        cache = fused.new_cache(B, ids.shape[1] + 8)
+        fused.prefill(cache, torch.arange(B), ids, attn)
+        assert index_writes(cache) == 0
+        cache.put(0, cache.k[:, 1, :, :3].clone(), cache.v[:, 1, :, :3].clone())  # row 0 now ends at column 3
+        assert index_writes(cache) >= 2 * len(fused.layers)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_shared_prompt_attention_equals_per_row_caches(family):
     """Cascade attention (each distinct prompt's keys / values once, FusedLlama.prefill(shared=True)) gives

@@ -482,8 +482,8 @@ class FusedLlama:
         return torch.matmul(scores.softmax(-1, dtype=torch.float32).to(q.dtype), v)
 
     def _attend_shared(self, q, k, v, mask, pk, pv, pmask, layout):
-        """Cascade attention: ``q [B, kv, g, d]`` (already scaled, as in :meth:`_attend`) over its prompt's keys / values ``pk / pv [n, kv, P, d]``
-        (shared by the rows of that prompt; additive mask ``pmask [n, 1, 1, P]``) and its own ``k / v
+        """Cascade attention: ``q [B, kv, g, d]`` (already scaled, as in :meth:`_attend`) over its prompt's keys /
+        values ``pk / pv [n, kv, P, d]`` (shared by the rows of that prompt; additive mask ``pmask [n, 1, 1, P]``) and its own ``k / v
         [B, kv, s, d]`` (``mask [B, 1, 1, s]``); ``layout = (n, m, slot_pos)`` from
         :meth:`KVCache.prefix_layout`.
 
@@ -522,21 +522,18 @@ class FusedLlama:
         return (op.float() * (wp * norm) + os_.float() * (ws * norm)).to(q.dtype)
 
     def _decode_layers_eager(self, x, cos, sin, rows, end, mask, keys, values, shared=None):
-        """The decoder layers for one token per row: ``x [B, D]``, rotary ``cos / sin [B, 1, d]``, the rows'
-        write columns ``end [B]`` (or one int when every row writes the same column), ``mask [B, 1, 1, span]``,
-        cache views ``[layers, B, kv, span, d]`` (written in place at ``end``). ``shared``: ``(pk, pv, pmask,
-        layout)`` of a cache with shared prompts. Returns the last hidden states ``[B, D]``."""
+        """The decoder layers for one token per row: ``x [B, D]``, rotary ``cos / sin [B, 1, d]``, the cache
+        entries to write ``[rows, :, end]`` (``rows [B]`` with ``end [B]``, or ``:`` with one int column when every
+        row writes the same column: a strided copy instead of an indexed write), ``mask [B, 1, 1, span]``, cache
+        views ``[layers, B, kv, span, d]``. ``shared``: ``(pk, pv, pmask, layout)`` of a cache with shared prompts.
+        Returns the last hidden states ``[B, D]``."""
         B = x.shape[0]
         for i, layer in enumerate(self.layers):
             f = self._fused[i]
             q, k, v = self._qkv(layer, f, x, cos, sin)  # [B, heads, d]
             ck, cv = keys[i], values[i]
-            if isinstance(end, int):  # a strided copy instead of an indexed write
-                ck[:, :, end] = k
-                cv[:, :, end] = v
-            else:
-                ck[rows, :, end] = k
-                cv[rows, :, end] = v
+            ck[rows, :, end] = k
+            cv[rows, :, end] = v
             # the g query heads of one KV head as g query positions: grouped-query attention without repeat;
             # the softmax scale applied to the queries once (fewer elements than the scores)
             qg = (q * self.scale).view(B, self.n_kv, self.group, self.head_dim)
@@ -553,19 +550,17 @@ class FusedLlama:
         lo, hi = (int(e) for e in torch.aminmax(end))
         span = hi + 1
         cache.grow(span)
-        rows = torch.arange(B, device=tokens.device)
-        if lo == hi:  # every row writes the same column (GRPO's batches, and any batch without refills)
-            cache.bias[:, hi] = 0
-        else:
-            cache.bias[rows, end] = 0
+        # where the new keys / values go: every row at one column (GRPO's batches, any batch without refills) is a
+        # strided copy; otherwise an indexed write per row
+        rows, at = (slice(None), hi) if lo == hi else (torch.arange(B, device=tokens.device), end)
+        cache.bias[rows, at] = 0
         mask = cache.bias[:, None, None, :span]  # [B, 1, 1, span]: a view of the persistent additive mask
         shared = None
         if cache.pk is not None:
             shared = (cache.pk, cache.pv, cache.pbias[:, None, None, :], cache.prefix_layout())
         cos, sin = self._cos[pos][:, None], self._sin[pos][:, None]  # [B, 1, d]
         x = self.inner.embed_tokens(tokens)
-        x = self._decode_layers(x, cos, sin, rows, hi if lo == hi else end, mask, cache.k[..., :span, :],
-                                cache.v[..., :span, :], shared)
+        x = self._decode_layers(x, cos, sin, rows, at, mask, cache.k[..., :span, :], cache.v[..., :span, :], shared)
         cache.end = end + 1
         cache.pos = pos + 1
         return self._logits(x)
