@@ -142,6 +142,12 @@ def test_shared_prompt_attention_equals_per_row_caches(family):
             fused.prefill(fused.new_cache(B, 4), torch.arange(2), ids[:2], attn[:2], shared=True)
 
 
+def _prefilled(fused, ids, attn, B):
+    cache = fused.new_cache(B, ids.shape[1] + 2)
+    fused.prefill(cache, torch.arange(B), ids, attn)
+    return cache
+
+
 @pytest.mark.skipif(not prepack_available(), reason="this torch build has no oneDNN prepacked linear")
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_prepacked_linear_layers_equal_f_linear_and_follow_weight_updates(family, monkeypatch):
@@ -184,10 +190,21 @@ def test_prepacked_linear_layers_equal_f_linear_and_follow_weight_updates(family
         after = run(packed)
         assert (after - before).abs().max() > 1e-2  # the update changes the logits ...
         assert torch.allclose(after, run(plain), atol=1e-5, rtol=0)  # ... and the packed path sees it
-    packed.release()
-    assert packed._head_packed is None and "qkv_p" not in packed._fused[0]
+    # the packed decoder keeps no concatenated q|k|v / gate|up copy beside its packed ones
+    assert "qkv_w" not in packed._fused[0] and "gu_w" not in packed._fused[0] and "qkv_w" in plain._fused[0]
+    for fused in (packed, plain):  # release() frees every copy; the next prefill (or decode) copies again
+        fused.release()
+        assert fused._head_packed is None and not {"qkv_w", "gu_w", "qkv_p", "gu_p", "o_p", "down_p"} & set(
+            fused._fused[0])
     with torch.inference_mode():
-        assert torch.allclose(run(packed), after, atol=1e-5, rtol=0)  # released: F.linear on the same weights
+        assert torch.allclose(run(packed), after, atol=1e-5, rtol=0)
+        assert torch.allclose(run(plain), after, atol=1e-5, rtol=0)
+        assert packed_products and not any(packed_products)  # the plain one refreshed without packing
+        cache = packed.new_cache(B, ids.shape[1] + 2)
+        packed.prefill(cache, torch.arange(B), ids, attn)
+        packed.release()  # between the prefill and a decode step
+        assert torch.allclose(packed.decode(cache, torch.full((B,), 5)), plain.decode(
+            _prefilled(plain, ids, attn, B), torch.full((B,), 5)), atol=1e-5, rtol=0)
     monkeypatch.setattr(fast_llama, "PREPACK_MIN_HIDDEN", 64)  # the default for this model's size
     gen = Generator(model, [EOS], PAD, decode="fused")
     gen.generate([[5, 6, 7]], SamplingParams(max_new_tokens=3), seed=0)

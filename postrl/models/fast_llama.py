@@ -144,8 +144,9 @@ def _pack(w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w.detach().contiguous(), _PACK_ROWS_HINT)
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, packed: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, w, b)``, through the prepacked copy of ``w`` when there is one."""
+def _linear(x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None,
+            packed: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, w, b)``, through the prepacked copy of ``w`` when there is one (then ``w`` may be None)."""
     if packed is None:
         return F.linear(x, w, b)
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, b, "none", [], "")
@@ -274,8 +275,10 @@ class FusedLlama:
     then :meth:`decode` one token per row. Both return the last position's logits ``[rows, vocab]``.
 
     The weights are the model's tensors (norms, embeddings, LM head, o_proj, down_proj: the tensors
-    themselves) plus concatenated q|k|v and gate|up copies that :meth:`refresh` re-copies (call it before
-    each generation; the Generator does).
+    themselves) plus concatenated q|k|v and gate|up copies (or, with ``prepack``, oneDNN-packed copies of
+    every weight matrix instead) that :meth:`refresh` re-copies (call it before each generation; the
+    Generator does) and :meth:`release` frees (after it: the update does not need them). A :meth:`prefill`
+    after :meth:`release` refreshes first.
 
     ``compile=True`` runs the decoder layers of :meth:`decode` through ``torch.compile`` (dynamic shapes).
     Off by default: on the 2-core CPU (SmolLM2-135M shapes, B=64, 50-token cache, 2 threads) the compiled
@@ -284,7 +287,8 @@ class FusedLlama:
     ``prepack``: run the linear layers through oneDNN with weights reordered by :meth:`refresh` (see the
     module docstring). ``None`` (default): on for a float32 model on CPU with a hidden size of at least
     ``PREPACK_MIN_HIDDEN`` when :func:`prepack_available`, and not with ``compile``. The packed copies hold
-    as much memory as the weights until :meth:`release`.
+    as much memory as the weights until :meth:`release`; the concatenated copies are then not kept (the
+    packed ones are made from them), so a generation holds the weights plus one copy of them.
     """
 
     def __init__(self, model, compile: bool = False, prepack: bool | None = None):
@@ -313,6 +317,7 @@ class FusedLlama:
                              "(torch.backends.mkldnn); use prepack=None or False")
         self.prepack = bool(prepack) if prepack is not None else auto and prepack_available()
         self._head_packed: torch.Tensor | None = None
+        self._ready = False  # the copies of refresh() exist (release() frees them)
         self._decode_layers = (torch.compile(self._decode_layers_eager, dynamic=True) if compile
                                else self._decode_layers_eager)
         self.refresh()
@@ -325,7 +330,8 @@ class FusedLlama:
                 m.gate_proj.weight, m.up_proj.weight, m.gate_proj.bias, m.up_proj.bias]
 
     def refresh(self) -> None:
-        """Copy the current q|k|v and gate|up weights into the fused matrices (all layers, every call).
+        """Copy the current q|k|v and gate|up weights into the fused matrices (all layers, every call), or with
+        ``prepack`` pack every weight matrix (q|k|v and gate|up from a temporary concatenation, not kept).
 
         Always a copy, never a check: an optimizer may update the weights in place without a trace (fused
         AdamW leaves the tensors' ``_version`` unchanged), and the copy costs about 10 ms for SmolLM2-135M
@@ -336,26 +342,31 @@ class FusedLlama:
         with torch.no_grad():
             for layer, f in zip(self.layers, self._fused):
                 qw, kw, vw, qb, kb, vb, gw, uw, gb, ub = self._sources(layer)
-                _cat_into(f, "qkv_w", [qw, kw, vw])
+                if self.prepack:
+                    f.pop("qkv_w", None), f.pop("gu_w", None)
+                    f["qkv_p"], f["gu_p"] = _pack(torch.cat([qw, kw, vw])), _pack(torch.cat([gw, uw]))
+                    f["o_p"], f["down_p"] = _pack(layer.self_attn.o_proj.weight), _pack(layer.mlp.down_proj.weight)
+                else:
+                    _cat_into(f, "qkv_w", [qw, kw, vw])
+                    _cat_into(f, "gu_w", [gw, uw])
                 _cat_into(f, "qkv_b", [b if b is not None else w.new_zeros(w.shape[0])
                                        for b, w in ((qb, qw), (kb, kw), (vb, vw))]
                           if any(b is not None for b in (qb, kb, vb)) else None)
-                _cat_into(f, "gu_w", [gw, uw])
                 _cat_into(f, "gu_b", [b if b is not None else w.new_zeros(w.shape[0]) for b, w in ((gb, gw), (ub, uw))]
                           if gb is not None or ub is not None else None)
-                if self.prepack:
-                    f["qkv_p"], f["gu_p"] = _pack(f["qkv_w"]), _pack(f["gu_w"])
-                    f["o_p"], f["down_p"] = _pack(layer.self_attn.o_proj.weight), _pack(layer.mlp.down_proj.weight)
             if self.prepack:
                 self._head_packed = _pack(self.model.get_output_embeddings().weight)
+        self._ready = True
 
     def release(self) -> None:
-        """Free the prepacked weight copies (after a generation: the update does not need them, and
-        :meth:`refresh` packs the updated weights again)."""
+        """Free the weight copies, packed or concatenated (after a generation: the update does not need them,
+        and :meth:`refresh` copies the updated weights again; the next :meth:`prefill` does it if nobody
+        did). For SmolLM2-135M that is 280 MB of q|k|v and gate|up, or 540 MB of packed weights."""
         for f in self._fused:
-            for key in ("qkv_p", "gu_p", "o_p", "down_p"):
+            for key in ("qkv_w", "gu_w", "qkv_p", "gu_p", "o_p", "down_p"):
                 f.pop(key, None)
         self._head_packed = None
+        self._ready = False
 
     def _rotary(self, length: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos / signed sin tables ``[>= length, head_dim]`` from the model's own rotary module (its scaling
@@ -383,7 +394,7 @@ class FusedLlama:
         heads); Qwen3's q/k norms applied before the rotation. Without q/k norms, q and k are adjacent columns of
         the fused product and are rotated as one tensor."""
         a = _rms(x, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-        qkv = _linear(a, f["qkv_w"], f["qkv_b"], f.get("qkv_p"))
+        qkv = _linear(a, f.get("qkv_w"), f["qkv_b"], f.get("qkv_p"))
         hq, hk = self.n_heads * self.head_dim, self.n_kv * self.head_dim
         v = qkv[..., hq + hk:].unflatten(-1, (self.n_kv, self.head_dim))
         if self.family == "qwen3":
@@ -401,7 +412,7 @@ class FusedLlama:
         an, mlp = layer.self_attn, layer.mlp
         x = x + _linear(attn_out, an.o_proj.weight, an.o_proj.bias, f.get("o_p"))
         a = _rms(x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
-        gu = _linear(a, f["gu_w"], f["gu_b"], f.get("gu_p"))
+        gu = _linear(a, f.get("gu_w"), f["gu_b"], f.get("gu_p"))
         h = F.silu(gu[..., :self.intermediate]).mul_(gu[..., self.intermediate:])
         return x + _linear(h, mlp.down_proj.weight, mlp.down_proj.bias, f.get("down_p"))
 
@@ -421,6 +432,8 @@ class FusedLlama:
         (:meth:`KVCache.set_prefixes`) and read once per decode step for all the rows of a prompt; the rows'
         own columns start empty."""
         n, P = ids.shape
+        if not self._ready:
+            self.refresh()
         if shared and len(rows) != cache.batch:
             raise ValueError(f"FusedLlama.prefill(shared=True) fills every row of the cache at once: got "
                              f"{len(rows)} rows for a cache of {cache.batch}")
@@ -545,6 +558,8 @@ class FusedLlama:
     def decode(self, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
         """One token per cache row (``tokens [B]``): append its keys / values at each row's ``end`` and return
         the next-token logits ``[B, vocab]``."""
+        if not self._ready:  # released since the prefill: the same weights, copied again
+            self.refresh()
         B = tokens.shape[0]
         end, pos = cache.end, cache.pos
         lo, hi = (int(e) for e in torch.aminmax(end))
