@@ -345,12 +345,80 @@ def test_unsupported_models_fall_back_to_transformers(llama):
         Generator(model, EOS, PAD, decode="fused").generate(PROMPTS, SamplingParams(max_new_tokens=2))
 
 
-def test_peft_wrapped_model_is_not_fused(llama):
+def _lora(seed: int, **kw):
+    """A tiny llama with rank-2 LoRA adapters on every projection, B randomised (PEFT starts it at 0)."""
     peft = pytest.importorskip("peft")
-    model = _tiny("llama", seed=3)
-    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    assert supports(wrapped) is None
-    assert supports(wrapped.base_model.model) is None  # LoRA layers replaced the projections
+    wrapped = peft.get_peft_model(_tiny("llama", seed=seed), peft.LoraConfig(
+        r=2, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                           "down_proj"], **kw))
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.5)
+    return wrapped.eval()
+
+
+@pytest.mark.parametrize("prepack", [False, True])
+def test_lora_model_decodes_fused_with_its_adapters_merged(prepack):
+    """A PEFT LoRA policy runs the fused path: refresh() merges W + (alpha / r) B A into its copies, so the
+    logits equal the PEFT forward's (which computes W x + (alpha / r) B A x) to 1e-5 through prefill and decode;
+    with the adapters disabled they are the base model's; an in-place adapter update is followed."""
+    if prepack and not prepack_available():
+        pytest.skip("this torch build has no oneDNN prepacked linear")
+    wrapped = _lora(3)
+    assert supports(wrapped) == "llama" and unsupported_reason(wrapped) is None
+    fused = FusedLlama(wrapped, prepack=prepack)
+    ids, attn = _left_pad(PROMPTS)
+    B = len(PROMPTS)
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+
+    def both(model_fn):
+        with torch.inference_mode():
+            fused.refresh()
+            cache = fused.new_cache(B, ids.shape[1] + 4)
+            hf_cache = {Generator(wrapped, EOS, PAD)._cache_kw: DynamicCache()}
+            ref = [model_fn(input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True,
+                            **hf_cache).logits[:, -1]]
+            mine = [fused.prefill(cache, torch.arange(B), ids, attn)]
+            a, pos = attn, positions[:, -1:]
+            for t in range(3):
+                tok = torch.full((B,), 5 + t)
+                a, pos = torch.cat([a, a.new_ones(B, 1)], -1), pos + 1
+                ref.append(model_fn(input_ids=tok[:, None], attention_mask=a, position_ids=pos, use_cache=True,
+                                    **hf_cache).logits[:, -1])
+                mine.append(fused.decode(cache, tok))
+        return torch.stack(mine), torch.stack(ref)
+
+    mine, ref = both(wrapped)
+    assert torch.allclose(mine, ref, atol=1e-5, rtol=0)
+    with wrapped.disable_adapter():
+        base_mine, base_ref = both(wrapped)
+    assert torch.allclose(base_mine, base_ref, atol=1e-5, rtol=0)
+    assert (base_mine - mine).abs().max() > 1e-2  # the adapters change the logits, and the fused path sees it
+    with torch.no_grad():  # an optimizer step on the adapters, in place
+        for name, p in wrapped.named_parameters():
+            if "lora_A" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    moved, ref = both(wrapped)
+    assert (moved - mine).abs().max() > 1e-2 and torch.allclose(moved, ref, atol=1e-5, rtol=0)
+
+
+def test_lora_generation_fused_equals_transformers():
+    wrapped = _lora(4)
+    assert Generator(wrapped, EOS, PAD).fused_decoder() is not None  # decode='auto' picks the fused path
+    params = SamplingParams(max_new_tokens=10, temperature=1.0)
+    a, b = (g.generate(PROMPTS * 2, params, seed=3) for g in _pair(wrapped))
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.completion_mask, b.completion_mask)
+    assert torch.allclose(a.logprobs, b.logprobs, atol=1e-5) and torch.allclose(a.entropy, b.entropy, atol=1e-5)
+
+
+def test_dora_and_lora_on_the_lm_head_are_not_fused():
+    dora = _lora(5, use_dora=True)
+    assert supports(dora) is None and "DoRA" in unsupported_reason(dora)
+    assert Generator(dora, EOS, PAD).fused_decoder() is None  # decode='auto': the transformers forward
+    peft = pytest.importorskip("peft")
+    head = peft.get_peft_model(_tiny("qwen2", seed=5), peft.LoraConfig(r=2, target_modules=["q_proj", "lm_head"]))
+    assert supports(head) is None and "LM head" in unsupported_reason(head)
 
 
 def test_generator_rejects_bad_decode_options(llama):

@@ -56,8 +56,8 @@ class RolloutConfig:
     """Generation backend: torch (in-process) or a served engine; the names are checked by the backend
     factory in postrl/rollout when the trainer builds it."""
     decode: str = "auto"
-    """torch backend's forward: auto (postrl's fused Llama-family decode where the model is supported, else
-    transformers') | fused (an error when unsupported) | transformers."""
+    """torch backend's forward: auto (postrl's fused Llama-family decode where the model is supported, PEFT
+    LoRA adapters included, else transformers') | fused (an error when unsupported) | transformers."""
     continuous_batching: bool = False
     """torch backend: with rollout.batch_size smaller than the rollout batch, a finished row's place in the
     decode batch goes to the next waiting prompt. Draws per-row random streams: seeded samples differ from

@@ -31,9 +31,11 @@ up projections — costs as much as the matrix products. This forward does only 
   packed copies are freed after the generation (:meth:`FusedLlama.release`).
 
 The values equal transformers' forward to float rounding (tests/test_fast_decode.py: logits to 1e-5 in
-fp32, the same greedy tokens). :func:`supports` says which models qualify; anything else (other
-architectures, PEFT-wrapped or quantized layers, dynamic rotary scaling, sliding-window attention) runs
-through the transformers forward instead.
+fp32, the same greedy tokens). :func:`supports` says which models qualify. A PEFT model with plain LoRA
+adapters on its projections qualifies: :meth:`FusedLlama.refresh` merges ``W + (alpha / r) B A`` into the
+copies it makes anyway, so a LoRA policy decodes as fast as a fully fine-tuned one. Anything else (other
+architectures, DoRA or other adapter types, quantized layers, dynamic rotary scaling, sliding-window
+attention) runs through the transformers forward instead.
 """
 
 from __future__ import annotations
@@ -53,11 +55,55 @@ FAMILIES = {
 _STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # the table does not depend on the sequence length
 
 
+def base_model(model):
+    """The transformers model inside a PEFT wrapper (``PeftModel.get_base_model()``), else ``model`` itself."""
+    if hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None)):
+        return model.get_base_model()
+    return model
+
+
+def _projection_reason(m) -> str | None:
+    """None when projection ``m`` is a plain ``nn.Linear`` or a PEFT LoRA ``Linear`` over one (whose adapters
+    :func:`_effective` merges), else why :class:`FusedLlama` cannot run it."""
+    if type(m) is nn.Linear:
+        return None
+    try:
+        from peft.tuners.lora import Linear as LoraLinear
+    except ImportError:
+        LoraLinear = None
+    if LoraLinear is None or type(m) is not LoraLinear:
+        return "a projection is not a plain nn.Linear or a PEFT LoRA Linear (quantized or other adapter layers)"
+    if type(m.get_base_layer()) is not nn.Linear:
+        return "a LoRA layer over a base layer that is not a plain nn.Linear (quantized)"
+    for name in m.active_adapters:
+        if name in m.lora_A and (m.use_dora.get(name) or getattr(m, "lora_bias", {}).get(name)
+                                 or getattr(m, "lora_variant", {}).get(name) is not None):
+            return f"LoRA adapter {name!r} is DoRA / has a bias / is another LoRA variant (only plain LoRA)"
+    return None
+
+
+def _effective(m) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight and bias that projection ``m`` applies: a plain ``nn.Linear``'s own tensors, or for a PEFT
+    LoRA layer its base weight plus ``scaling * B A`` of each active, unmerged adapter (Hu et al. 2021: the
+    layer computes ``W x + (alpha / r) B A x``; a new tensor; dropout is off at generation)."""
+    if type(m) is nn.Linear:
+        return m.weight, m.bias
+    base = m.get_base_layer()
+    if m.disable_adapters:
+        return base.weight, base.bias
+    deltas = [m.get_delta_weight(a) for a in m.active_adapters if a in m.lora_A and a not in m.merged_adapters]
+    if not deltas:
+        return base.weight, base.bias
+    return base.weight.detach() + sum(deltas).to(base.weight.dtype), base.bias
+
+
 def unsupported_reason(model) -> str | None:
-    """Why :class:`FusedLlama` cannot run ``model``, or None when it can."""
+    """Why :class:`FusedLlama` cannot run ``model`` (a transformers model, or a PEFT model with plain LoRA
+    adapters on its projections), or None when it can."""
+    model = base_model(model)
     name = type(model).__name__
     if name not in FAMILIES:
-        return f"{name} is not one of {', '.join(FAMILIES)} (a PEFT wrapper counts as another class)"
+        return f"{name} is not one of {', '.join(FAMILIES)}"
     cfg = model.config
     if getattr(cfg, "hidden_act", "silu") != "silu":
         return f"hidden_act={cfg.hidden_act!r} (only silu)"
@@ -85,8 +131,9 @@ def unsupported_reason(model) -> str | None:
     for layer in inner.layers:
         attn, mlp = layer.self_attn, layer.mlp
         linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj]
-        if any(type(m) is not nn.Linear for m in linears):  # LoRA / quantized layers hold more than a weight
-            return "a projection is not a plain nn.Linear (PEFT / LoRA or quantized layers)"
+        reason = next((r for r in map(_projection_reason, linears) if r), None)
+        if reason:
+            return reason
         if not all(m.weight.dtype.is_floating_point for m in linears):
             return "non-floating-point weights"
     return None
@@ -95,7 +142,7 @@ def unsupported_reason(model) -> str | None:
 def supports(model) -> str | None:
     """The family name (``llama``, ``mistral``, ``qwen2``, ``qwen3``) when :class:`FusedLlama` can run
     ``model``, else None."""
-    return None if unsupported_reason(model) else FAMILIES[type(model).__name__]
+    return None if unsupported_reason(model) else FAMILIES[type(base_model(model)).__name__]
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -296,20 +343,21 @@ class FusedLlama:
         if reason:
             raise ValueError(f"FusedLlama: unsupported model ({reason})")
         self.model = model
-        self.family = FAMILIES[type(model).__name__]
-        cfg = model.config
+        self.base = base = base_model(model)  # a PEFT model's adapters are merged into copies by refresh()
+        self.family = FAMILIES[type(base).__name__]
+        cfg = base.config
         self.n_heads = cfg.num_attention_heads
         self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.group = self.n_heads // self.n_kv
         self.scale = self.head_dim ** -0.5
         self.eps = cfg.rms_norm_eps
-        self.inner = model.model
+        self.inner = base.model
         self.layers: list = []
         self.intermediate = self.inner.layers[0].mlp.gate_proj.out_features
         self._fused: list[dict] = []
         self._cos = self._sin = None
-        w = model.get_output_embeddings().weight
+        w = base.get_output_embeddings().weight
         auto = (w.device.type == "cpu" and w.dtype == torch.float32 and not compile
                 and cfg.hidden_size >= PREPACK_MIN_HIDDEN)
         if prepack and not prepack_available():
@@ -324,10 +372,11 @@ class FusedLlama:
 
     # ----- weights ------------------------------------------------------------------------------------------
 
-    def _sources(self, layer) -> list[torch.Tensor | None]:
+    def _sources(self, layer) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(weight, bias) of q, k, v, gate, up, o, down as the layer applies them (LoRA merged)."""
         a, m = layer.self_attn, layer.mlp
-        return [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.q_proj.bias, a.k_proj.bias, a.v_proj.bias,
-                m.gate_proj.weight, m.up_proj.weight, m.gate_proj.bias, m.up_proj.bias]
+        return [_effective(p) for p in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj, a.o_proj,
+                                        m.down_proj)]
 
     def refresh(self) -> None:
         """Copy the current q|k|v and gate|up weights into the fused matrices (all layers, every call), or with
@@ -341,21 +390,23 @@ class FusedLlama:
             self.layers, self._fused = layers, [{} for _ in layers]
         with torch.no_grad():
             for layer, f in zip(self.layers, self._fused):
-                qw, kw, vw, qb, kb, vb, gw, uw, gb, ub = self._sources(layer)
+                (qw, qb), (kw, kb), (vw, vb), (gw, gb), (uw, ub), (ow, ob), (dw, db) = self._sources(layer)
+                f["o_b"], f["down_b"] = ob, db
                 if self.prepack:
                     f.pop("qkv_w", None), f.pop("gu_w", None)
                     f["qkv_p"], f["gu_p"] = _pack(torch.cat([qw, kw, vw])), _pack(torch.cat([gw, uw]))
-                    f["o_p"], f["down_p"] = _pack(layer.self_attn.o_proj.weight), _pack(layer.mlp.down_proj.weight)
+                    f["o_p"], f["down_p"] = _pack(ow), _pack(dw)
                 else:
                     _cat_into(f, "qkv_w", [qw, kw, vw])
                     _cat_into(f, "gu_w", [gw, uw])
+                    f["o_w"], f["down_w"] = ow, dw  # the layer's own tensors, or merged LoRA copies
                 _cat_into(f, "qkv_b", [b if b is not None else w.new_zeros(w.shape[0])
                                        for b, w in ((qb, qw), (kb, kw), (vb, vw))]
                           if any(b is not None for b in (qb, kb, vb)) else None)
                 _cat_into(f, "gu_b", [b if b is not None else w.new_zeros(w.shape[0]) for b, w in ((gb, gw), (ub, uw))]
                           if gb is not None or ub is not None else None)
             if self.prepack:
-                self._head_packed = _pack(self.model.get_output_embeddings().weight)
+                self._head_packed = _pack(self.base.get_output_embeddings().weight)
         self._ready = True
 
     def release(self) -> None:
@@ -363,7 +414,7 @@ class FusedLlama:
         and :meth:`refresh` copies the updated weights again; the next :meth:`prefill` does it if nobody
         did). For SmolLM2-135M that is 280 MB of q|k|v and gate|up, or 540 MB of packed weights."""
         for f in self._fused:
-            for key in ("qkv_w", "gu_w", "qkv_p", "gu_p", "o_p", "down_p"):
+            for key in ("qkv_w", "gu_w", "o_w", "down_w", "qkv_p", "gu_p", "o_p", "down_p"):
                 f.pop(key, None)
         self._head_packed = None
         self._ready = False
@@ -409,16 +460,15 @@ class FusedLlama:
 
     def _finish_layer(self, layer, f, x, attn_out):
         """Residual after attention (o_proj), then the SiLU MLP and its residual."""
-        an, mlp = layer.self_attn, layer.mlp
-        x = x + _linear(attn_out, an.o_proj.weight, an.o_proj.bias, f.get("o_p"))
+        x = x + _linear(attn_out, f.get("o_w"), f["o_b"], f.get("o_p"))
         a = _rms(x, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
         gu = _linear(a, f.get("gu_w"), f["gu_b"], f.get("gu_p"))
         h = F.silu(gu[..., :self.intermediate]).mul_(gu[..., self.intermediate:])
-        return x + _linear(h, mlp.down_proj.weight, mlp.down_proj.bias, f.get("down_p"))
+        return x + _linear(h, f.get("down_w"), f["down_b"], f.get("down_p"))
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = _rms(x, self.inner.norm.weight, self.inner.norm.variance_epsilon)
-        head = self.model.get_output_embeddings()
+        head = self.base.get_output_embeddings()
         return _linear(x, head.weight, head.bias, self._head_packed)
 
     def prefill(self, cache: KVCache, rows: torch.Tensor, ids: torch.Tensor, attn: torch.Tensor,
