@@ -322,7 +322,7 @@ class FusedLlama:
     then :meth:`decode` one token per row. Both return the last position's logits ``[rows, vocab]``.
 
     The weights are the model's tensors (norms, embeddings, LM head, o_proj, down_proj: the tensors
-    themselves) plus concatenated q|k|v and gate|up copies (or, with ``prepack``, oneDNN-packed copies of
+    themselves, except that a PEFT model's LoRA adapters are merged into copies of the projections) plus concatenated q|k|v and gate|up copies (or, with ``prepack``, oneDNN-packed copies of
     every weight matrix instead) that :meth:`refresh` re-copies (call it before each generation; the
     Generator does) and :meth:`release` frees (after it: the update does not need them). A :meth:`prefill`
     after :meth:`release` refreshes first.
@@ -393,7 +393,6 @@ class FusedLlama:
                 (qw, qb), (kw, kb), (vw, vb), (gw, gb), (uw, ub), (ow, ob), (dw, db) = self._sources(layer)
                 f["o_b"], f["down_b"] = ob, db
                 if self.prepack:
-                    f.pop("qkv_w", None), f.pop("gu_w", None)
                     f["qkv_p"], f["gu_p"] = _pack(torch.cat([qw, kw, vw])), _pack(torch.cat([gw, uw]))
                     f["o_p"], f["down_p"] = _pack(ow), _pack(dw)
                 else:
