@@ -2,6 +2,8 @@
 
     python benchmarks/bench_update.py                            # the quickstart (SmolLM2-135M), ~2 min
     python benchmarks/bench_update.py --tiny                     # postrl.models.tiny on the copy task, seconds
+    python benchmarks/bench_update.py --reps 1 --profile rollout.max_new_tokens=128 rollout.min_new_tokens=128 \
+        train.prompts_per_step=2 train.micro_batch_size=8 train.mini_batch_size=16   # where an update's time goes
 
 One rollout of the recipe's first step is generated, its rewards are replaced by alternating 0/1 (so every
 row has a non-zero advantage and goes through forward and backward), and the update is run ``--reps`` times
@@ -28,9 +30,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tiny", action="store_true",
                     help="postrl.models.tiny on a copy task instead of the recipe's model")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timings, run one more shared-prefix update under torch.profiler and print the "
+                         "operators by self CPU time")
+    ap.add_argument("overrides", nargs="*", help="config overrides (key=value) applied after the recipe")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
+    from postrl.run.memory import keep_freed_memory
+
+    keep_freed_memory()  # as `postrl train` does: freed buffers stay mapped (no page faults on re-use)
     from postrl.api import RECIPES
     from postrl.config import load_config
     from postrl.models.logprobs import distinct_prompts
@@ -52,7 +61,7 @@ def main() -> None:
         overrides += [f"model.name_or_path={model}", "data.source=jsonl", f"data.path={data}", "data.eval_size=2",
                       "rollout.max_new_tokens=16"]
     recipe = args.recipe if args.recipe.endswith((".yaml", ".yml")) else str(RECIPES / f"{args.recipe}.yaml")
-    cfg = load_config(recipe, overrides)
+    cfg = load_config(recipe, overrides + list(args.overrides))
     seed_everything(cfg.run.seed)
     trainer = RLTrainer(cfg)
     batch = trainer.rollout(0)
@@ -95,6 +104,12 @@ def main() -> None:
     scale = max(float(g.abs().max()) for g in grads[False])
     print(f"largest gradient difference {diff:.2e} (largest gradient entry {scale:.2e}); speed-up "
           f"{statistics.median(times[False]) / statistics.median(times[True]):.2f}x")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            update(True)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
     trainer.close()
 
 

@@ -207,13 +207,14 @@ def test_every_recipe_learns_the_toy_task(tiny_config, name):
     if name == "asymre":  # baseline 0.1 below the mean: an all-wrong group pushes its wrong samples up (+0.1), a
         toy += ["algo.dynamic_sampling=true"]  # few digits get stuck (0.818 / 0.816, seeds 0/1); dropping
         # all-equal groups (DAPO's dynamic sampling) removes that push: 0.912
-    if name == "w_reinforce":  # the paper's actor (clipped ratio, 4 updates per rollout batch) plus a KL of 0.03 to
-        # the initial model. NSR refines the model's prior (the paper's gradient analysis); this random tiny model
-        # has a flat one, and a prompt with p_right ~ 0 gets expected gradient (1 + lambda) p_right (e_right - p) ~ 0,
-        # so its probability drifts onto one wrong digit and stays there. The KL pulls it back towards the flat
-        # start, where the right digit is sampled again. Seeds 0-4: 0.971 / 0.972 / 0.967 / 0.978 / 0.973 at 400
-        # steps; without the KL 0.461 (seed 0); with the ratio-free reinforce loss, one update per step, lr 2e-3
-        # and no KL (the recipe before 2026-12-03) 0.087 at 600.
+    if name == "w_reinforce":  # the paper's actor (clipped ratio, 4 updates per rollout batch: the toy batch is
+        # large enough for them, the recipe's 4-prompt CPU batch is not) plus a KL of 0.03 to the initial model.
+        # NSR refines the model's prior (the paper's gradient analysis); this random tiny model has a flat one, and
+        # a prompt with p_right ~ 0 gets expected gradient (1 + lambda) p_right (e_right - p) ~ 0, so its
+        # probability drifts onto one wrong digit and stays there. The KL pulls it back towards the flat start,
+        # where the right digit is sampled again. Seeds 0-4: 0.971 / 0.972 / 0.967 / 0.978 / 0.973 at 400 steps;
+        # without the KL 0.461 (seed 0); with it and one update per step (lr 2e-3, 600 steps) seed 2 stalls at
+        # 0.570; the recipe before 2026-12-03 (ratio-free reinforce loss, one update, no KL) 0.087 at 600.
         toy += ["train.mini_batch_size=64", "train.micro_batch_size=64", "train.lr=1e-3", "train.steps=400",
                 "algo.kl_coef=0.03"]
     run_dir, _ = train(tiny_config(*method, *toy))
