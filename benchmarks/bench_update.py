@@ -7,8 +7,10 @@
 
 One rollout of the recipe's first step is generated, its rewards are replaced by alternating 0/1 (so every
 row has a non-zero advantage and goes through forward and backward), and the update is run ``--reps`` times
-per setting, interleaved (shared, plain, shared, plain, ...) from the same weights after one warm-up update
-(the first update also allocates the gradients and AdamW's state). Prints the median seconds per update for
+per setting, interleaved (shared, plain, shared, plain, ...) from the same weights after two warm-up updates
+(the first allocates the gradients and AdamW's state; on the 2-core VM the first two updates of a process also
+fault in ~1.1 M fresh pages, 4-12 s of kernel time each, which later updates reuse: measured with
+``resource.getrusage``, 800 k / 320 k / 0 / 0 minor faults in the first four steps of a training loop). Prints the median seconds per update for
 each setting, the tokens that go through the model, and the largest difference of the two gradients.
 """
 
@@ -91,7 +93,8 @@ def main() -> None:
         trainer.optimizer.step = step
         return elapsed
 
-    update(True)  # warm-up: allocates gradients and AdamW's state
+    for _ in range(2):  # warm-up: allocates gradients and AdamW's state, and faults in the pages later updates reuse
+        update(True)
     times: dict[bool, list[float]] = {True: [], False: []}
     for rep in range(args.reps):
         for share in (True, False):
