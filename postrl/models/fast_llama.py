@@ -20,8 +20,8 @@ up projections — costs as much as the matrix products. This forward does only 
   ``shared=True`` keeps each distinct prompt's keys / values once (``KVCache.pk / pv``) and the rows only
   their generated tokens; decode attention then reads a prompt's keys once for all its rows, as one
   matrix product over the rows' queries (cascade attention: the prompt part and the generated part are
-  attended apart and joined as a split softmax). For the quickstart's 234-token prompts x 8
-  copies this reads 1/8 of the prompt keys and values per step;
+  attended apart and joined as a split softmax). For 234-token prompts x 8 copies this reads
+  1/8 of the prompt keys and values per step;
 - the norms, the SiLU MLP and the (tied or untied) LM head compute what transformers computes;
 - on CPU in float32 every matrix product of the decode path (q|k|v, o, gate|up, down, LM head) runs
   through oneDNN with the weight reordered once per ``generate`` into oneDNN's blocked layout
