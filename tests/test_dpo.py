@@ -218,6 +218,27 @@ def test_online_dpo_rounds(tiny_config, selection):
     assert "accuracy" in res["eval_after"]  # greedy task accuracy on held-out prompts
 
 
+def test_online_dpo_schedule_keeps_its_place_when_prompts_tie(tiny_config):
+    """The LR schedule is planned over rounds x ceil(prompts_per_round / batch_size) updates; a round whose
+    prompts tie gives fewer updates, and the schedule moves on by the missing ones at the round's end, so that
+    round 2 starts at the planned position and a cosine schedule reaches its end."""
+    from postrl.run.optim import lr_lambda
+
+    cfg = tiny_config("preference.online=true", "preference.rounds=3", "preference.prompts_per_round=8",
+                      "rollout.n=4", "rollout.max_new_tokens=1", "preference.batch_size=2", "preference.beta=0.5",
+                      "train.lr_schedule=cosine", "train.lr=1e-3",
+                      "rewards=[{name: regex, kwargs: {pattern: '[0-9a-m]'}}]")  # ~1/3 of the tokens: some ties
+    run_dir, res = train_dpo(cfg)
+    rounds, rows = res["rounds"], read_metrics(run_dir)
+    planned = 4  # ceil(8 / 2) updates per round
+    assert any(-(-r["pairs"] // 2) < planned for r in rounds[:2])  # ties: a round before the last had fewer updates
+    assert len(rows) < 3 * planned
+    lam = lr_lambda("cosine", 0, 3 * planned)
+    for r in rows:
+        k = r["step"] - 1 - sum(-(-x["pairs"] // 2) for x in rounds[:r["round"] - 1])  # update k of its round
+        assert r["lr"] == pytest.approx(1e-3 * lam((r["round"] - 1) * planned + k), rel=1e-6)
+
+
 def test_online_kto_refused(tiny_config):
     with pytest.raises(ConfigError, match="kto"):
         train_dpo(tiny_config("preference.online=true", "preference.loss=kto"))

@@ -36,6 +36,7 @@ import math
 import os
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -410,9 +411,25 @@ class PreferenceTrainer(Job):
                     for k, v in self.round_data["info"].items() if k != "round"))
             if step - self.round_start_step < self._round_updates():
                 return False
+            self._keep_schedule_in_place()
             self.round += 1
             self.round_data = None
         return True
+
+    def _keep_schedule_in_place(self) -> None:
+        """At the end of an online round, move the LR schedule on by the updates the round was planned to have and
+        did not (prompts whose completions all tied gave no pair): the schedule is planned over
+        ``rounds * epochs * ceil(prompts_per_round / batch_size)`` updates (:meth:`_planned_steps`), so without
+        this a run with ties never reaches the schedule's end (a cosine schedule would stop short of its minimum)
+        and every later round would train at an earlier round's learning rate."""
+        pf = self.cfg.preference
+        missing = pf.epochs * math.ceil(pf.prompts_per_round / pf.batch_size) - self._round_updates()
+        if missing <= 0:
+            return
+        with warnings.catch_warnings():  # a round with no pair at all comes before any optimizer step
+            warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
+            for _ in range(missing):
+                self.scheduler.step()
 
     def step(self, run) -> StepOutput:
         """One update: batch ``k`` of epoch ``e`` over the offline pairs, or over the current round's pairs."""
