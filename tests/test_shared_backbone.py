@@ -101,3 +101,27 @@ def test_a_shared_backbone_run_resumes_exactly(tiny_config):
         for key in ("reward_mean", "loss", "value_loss", "values_mean", "returns_mean", "grad_norm"):
             assert x[key] == pytest.approx(y[key], abs=1e-6), (x["step"], key)
     assert len({r["values_mean"] for r in a}) > 1
+
+
+def test_recomputed_old_logprobs_and_values_come_from_one_pass(tiny_config, monkeypatch):
+    """With truncated importance sampling the trainer recomputes the old log-probs; with a shared value head the
+    rollout-time values come from that same no-grad pass (one decoder pass per micro batch, not two)."""
+    import postrl.trainer.rl as rl
+
+    calls = []
+    real = rl.completion_logprobs_and_values
+
+    def spy(*args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rl, "completion_logprobs_and_values", spy)
+    forwards = []
+    real_plain = rl.completion_logprobs
+    monkeypatch.setattr(rl, "completion_logprobs", lambda *a, **k: forwards.append(1) or real_plain(*a, **k))
+    run_dir, _ = train(tiny_config(*PPO_SHARED, "train.steps=2", "algo.tis_mode=clamp", "algo.tis_cap=2.0",
+                                   "train.micro_batch_size=8"))
+    no_grad = [c for c in calls if not c]
+    assert len(no_grad) == 2 * 2 and not forwards  # 2 micro batches of 8 rows x 2 steps; no separate log-prob pass
+    for r in read_metrics(run_dir):  # the recomputed log-probs are the sampler's: ratio 1
+        assert r["tis/ratio_mean"] == pytest.approx(1.0, abs=1e-4) and r["values_mean"] == r["values_mean"]

@@ -522,6 +522,21 @@ class RLTrainer(Job):
             width = ids.shape[1]
             return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
 
+        def logprobs_and_values() -> tuple[torch.Tensor, torch.Tensor]:
+            """The policy's log-probs and its shared value head's values V_old(s_t), one no-grad pass, eval mode."""
+            was_training = self.model.training
+            self.model.eval()
+            with torch.no_grad():
+                parts = [completion_logprobs_and_values(self.model, self.value_head, prompts[i:i + micro],
+                                                        ids[i:i + micro], mask[i:i + micro], pad, temp,
+                                                        share_prefix=False) for i in range(0, B, micro)]
+            self.model.train(was_training)
+
+            def cat(k):
+                return torch.cat([torch.nn.functional.pad(p[k], (0, ids.shape[1] - p[k].shape[1])) for p in parts])
+
+            return cat(0), cat(2)
+
         ref_lp = forward_all(self.ref_model) if self.ref_model is not None else None
         # Old (proximal) log-probs: the sampler's own, unless truncated importance sampling is on, which
         # needs the trainer's forward of the rollout policy to compare with the behaviour log-probs, or the
@@ -529,8 +544,12 @@ class RLTrainer(Job):
         # trainer recomputes (rollout.recompute_old_logprobs) and compares: mismatch/*.
         old_lp = behaviour_lp
         tis_w, tis_stats, mismatch = None, {}, {}
+        head_values = None  # the shared value head's V_old(s_t), from the same pass as the old log-probs when both
         if a.tis_mode != "off" or self.recompute_old:
-            old_lp = forward_all(self.model)
+            if self.value_head is not None:
+                old_lp, head_values = logprobs_and_values()
+            else:
+                old_lp = forward_all(self.model)
             mismatch = logprob_mismatch(old_lp, behaviour_lp, loss_mask)
         if a.tis_mode != "off":
             tis_w, tis_stats = tis_weights(old_lp, behaviour_lp, loss_mask, a.tis_mode, a.tis_cap)
@@ -544,14 +563,7 @@ class RLTrainer(Job):
         base = batch.baseline_rewards
         values = critic_out = None
         if self.value_head is not None:  # the rollout-time values V_old(s_t) of the shared value head
-            was_training = self.model.training
-            self.model.eval()
-            with torch.no_grad():
-                values = torch.cat([torch.nn.functional.pad(
-                    completion_logprobs_and_values(self.model, self.value_head, prompts[i:i + micro], ids[i:i + micro],
-                                                   mask[i:i + micro], pad, temp, share_prefix=False)[2],
-                    (0, ids.shape[1] - ids[i:i + micro].shape[1])) for i in range(0, B, micro)])
-            self.model.train(was_training)
+            values = head_values if head_values is not None else logprobs_and_values()[1]
         if self.critic is not None:
             with torch.no_grad():
                 self.critic.eval()
