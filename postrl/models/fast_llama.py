@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from postrl.models.lora import is_lora_model
+
 FAMILIES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -57,9 +59,7 @@ _STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # the table does not dep
 
 def base_model(model):
     """The transformers model inside a PEFT wrapper (``PeftModel.get_base_model()``), else ``model`` itself."""
-    if hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None)):
-        return model.get_base_model()
-    return model
+    return model.get_base_model() if is_lora_model(model) else model
 
 
 def _projection_reason(m) -> str | None:

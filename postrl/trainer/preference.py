@@ -165,10 +165,15 @@ class PreferenceTrainer(Job):
         self.run = None
 
     # ----- setup helpers -------------------------------------------------------------------------------------
+    def _planned_round_updates(self) -> int:
+        """Updates an online round is planned to have: preference.epochs passes over prompts_per_round pairs."""
+        pf = self.cfg.preference
+        return pf.epochs * math.ceil(pf.prompts_per_round / pf.batch_size)
+
     def _planned_steps(self) -> int:
         pf = self.cfg.preference
         if pf.online:
-            return pf.rounds * pf.epochs * math.ceil(pf.prompts_per_round / pf.batch_size)
+            return pf.rounds * self._planned_round_updates()
         return pf.epochs * math.ceil(len(self.data.train) / pf.batch_size)
 
     def _mismatched(self, items: list[TokenizedExample]) -> list[list[int]]:
@@ -422,8 +427,7 @@ class PreferenceTrainer(Job):
         ``rounds * epochs * ceil(prompts_per_round / batch_size)`` updates (:meth:`_planned_steps`), so without
         this a run with ties never reaches the schedule's end (a cosine schedule would stop short of its minimum)
         and every later round would train at an earlier round's learning rate."""
-        pf = self.cfg.preference
-        missing = pf.epochs * math.ceil(pf.prompts_per_round / pf.batch_size) - self._round_updates()
+        missing = self._planned_round_updates() - self._round_updates()
         if missing <= 0:
             return
         with warnings.catch_warnings():  # a round with no pair at all comes before any optimizer step

@@ -512,30 +512,28 @@ class RLTrainer(Job):
 
         # log-probs of the batch, no gradient, in eval mode; the plain forward (the shared prompt pass is used for
         # the update's forward with gradient only; see docs/algorithms.md)
-        def forward_all(model) -> torch.Tensor:
+        def no_grad_passes(model, fn) -> list:
+            """``fn(s)`` for each micro batch's slice ``s`` of the rows, without gradient, ``model`` in eval mode."""
             was_training = model.training
             model.eval()
             with torch.no_grad():
-                parts = [completion_logprobs(model, prompts[i:i + micro], ids[i:i + micro], mask[i:i + micro], pad,
-                                             temp, share_prefix=False)[0] for i in range(0, B, micro)]
+                parts = [fn(slice(i, i + micro)) for i in range(0, B, micro)]
             model.train(was_training)
-            width = ids.shape[1]
-            return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in parts])
+            return parts
+
+        def rows_cat(parts: list[torch.Tensor]) -> torch.Tensor:
+            """The micro batches' ``[b, t]`` parts as one ``[B, T]`` tensor, each right-padded with 0 to T."""
+            return torch.cat([torch.nn.functional.pad(p, (0, ids.shape[1] - p.shape[1])) for p in parts])
+
+        def forward_all(model) -> torch.Tensor:
+            return rows_cat(no_grad_passes(model, lambda s: completion_logprobs(
+                model, prompts[s], ids[s], mask[s], pad, temp, share_prefix=False)[0]))
 
         def logprobs_and_values() -> tuple[torch.Tensor, torch.Tensor]:
-            """The policy's log-probs and its shared value head's values V_old(s_t), one no-grad pass, eval mode."""
-            was_training = self.model.training
-            self.model.eval()
-            with torch.no_grad():
-                parts = [completion_logprobs_and_values(self.model, self.value_head, prompts[i:i + micro],
-                                                        ids[i:i + micro], mask[i:i + micro], pad, temp,
-                                                        share_prefix=False) for i in range(0, B, micro)]
-            self.model.train(was_training)
-
-            def cat(k):
-                return torch.cat([torch.nn.functional.pad(p[k], (0, ids.shape[1] - p[k].shape[1])) for p in parts])
-
-            return cat(0), cat(2)
+            """The policy's log-probs and its shared value head's values V_old(s_t), from one no-grad pass."""
+            parts = no_grad_passes(self.model, lambda s: completion_logprobs_and_values(
+                self.model, self.value_head, prompts[s], ids[s], mask[s], pad, temp, share_prefix=False))
+            return rows_cat([p[0] for p in parts]), rows_cat([p[2] for p in parts])
 
         ref_lp = forward_all(self.ref_model) if self.ref_model is not None else None
         # Old (proximal) log-probs: the sampler's own, unless truncated importance sampling is on, which
