@@ -200,8 +200,7 @@ def test_prepacked_linear_layers_equal_f_linear_and_follow_weight_updates(family
         assert torch.allclose(run(packed), after, atol=1e-5, rtol=0)
         assert torch.allclose(run(plain), after, atol=1e-5, rtol=0)
         assert packed_products and not any(packed_products)  # the plain one refreshed without packing
-        cache = packed.new_cache(B, ids.shape[1] + 2)
-        packed.prefill(cache, torch.arange(B), ids, attn)
+        cache = _prefilled(packed, ids, attn, B)
         packed.release()  # between the prefill and a decode step
         assert torch.allclose(packed.decode(cache, torch.full((B,), 5)), plain.decode(
             _prefilled(plain, ids, attn, B), torch.full((B,), 5)), atol=1e-5, rtol=0)
